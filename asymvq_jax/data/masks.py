@@ -1,0 +1,209 @@
+"""Inpainting masks: LaMa-style "random_thick" generators and the training rule.
+
+Convention: a mask is a float32 array ``[H, W, 1]`` with 1 = hole (the region to
+generate) and 0 = known pixels.
+
+Generators (parameters as in LaMa's ``configs/data_gen/random_thick_{256,512}.yaml``):
+
+* ``thick_256``: irregular strokes (weight 1) or boxes (weight 0.3), one of the two
+  per mask, chosen with probability proportional to the weights.
+  Strokes: 1-5 strokes; each starts at a uniform random pixel and has 1-5 segments;
+  segment angle ``0.01 + randint(4)`` radians (``2*pi - angle`` on even strokes),
+  length ``10 + randint(200)``, width ``5 + randint(100)``; each segment is a thick
+  line with round ends (so consecutive segments join smoothly); segment end points
+  are clipped to the canvas.
+  Boxes: 1-3 axis-aligned boxes, margin 10 from the border, each side
+  ``randint(30, min(150, S - 2*margin))`` (upper bound exclusive).
+* ``thick_512``: the same with max_len 450, max_width 250, box side up to 300 and
+  1-4 boxes.
+
+Other output sizes: masks are *drawn at the variant's scale*: the canvas is resized so
+that its short side equals the variant's base size (256 or 512), keeping the aspect
+ratio, the mask is drawn there with the unmodified LaMa parameters, and then resized to
+the requested ``(height, width)`` with nearest-neighbour sampling. The hole-area
+statistics are therefore (up to resampling) independent of the output resolution, and
+at exactly the base size the mask is drawn directly with no resampling.
+
+Training rule (:func:`training_mask`): with probability ``all_ones_prob`` (0.5 in the
+paper) the mask is all ones (the whole image is the hole: plain decoding), otherwise a
+LaMa mask.
+
+Randomness comes only from the ``numpy.random.Generator`` you pass in, so the same
+generator state always gives the same mask. :func:`example_rng` builds a generator from
+integer keys (e.g. ``(seed, step, example_index)``).
+
+Lines are drawn with PIL ``ImageDraw`` (no OpenCV dependency).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "MaskParams",
+    "MASK_VARIANTS",
+    "example_rng",
+    "irregular_mask",
+    "box_mask",
+    "lama_mask",
+    "training_mask",
+    "batch_masks",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskParams:
+    """Parameters of one LaMa "random" mask variant."""
+
+    base_size: int
+    # Irregular strokes.
+    irregular_weight: float = 1.0
+    min_strokes: int = 1
+    max_strokes: int = 5
+    max_segments: int = 5  # segments per stroke: 1 + randint(max_segments)
+    max_angle: int = 4
+    max_len: int = 200
+    max_width: int = 100
+    # Boxes.
+    box_weight: float = 0.3
+    margin: int = 10
+    box_min_size: int = 30
+    box_max_size: int = 150
+    min_boxes: int = 1
+    max_boxes: int = 3
+
+
+MASK_VARIANTS: dict[str, MaskParams] = {
+    "thick_256": MaskParams(base_size=256),
+    "thick_512": MaskParams(
+        base_size=512, max_len=450, max_width=250, box_max_size=300, max_boxes=4
+    ),
+}
+
+
+def _params(variant: str | MaskParams) -> MaskParams:
+    if isinstance(variant, MaskParams):
+        return variant
+    # Accept LaMa's names too ("random_thick_256").
+    key = variant[len("random_") :] if variant.startswith("random_") else variant
+    try:
+        return MASK_VARIANTS[key]
+    except KeyError:
+        raise ValueError(
+            f"unknown mask variant {variant!r}; expected one of {sorted(MASK_VARIANTS)}"
+        ) from None
+
+
+def example_rng(*keys: int) -> np.random.Generator:
+    """A numpy Generator that is a pure function of non-negative integer ``keys``."""
+    return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
+
+
+def _draw_canvas_shape(height: int, width: int, base: int) -> tuple[int, int]:
+    short = min(height, width)
+    if short == base:
+        return height, width
+    scale = base / short
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def irregular_mask(
+    rng: np.random.Generator, height: int, width: int, p: MaskParams
+) -> np.ndarray:
+    """LaMa irregular strokes drawn directly on a ``height x width`` canvas -> uint8 {0,1}."""
+    img = Image.new("L", (width, height), 0)
+    draw = ImageDraw.Draw(img)
+    n_strokes = int(rng.integers(p.min_strokes, p.max_strokes + 1))
+    for i in range(n_strokes):
+        x = int(rng.integers(width))
+        y = int(rng.integers(height))
+        for _ in range(1 + int(rng.integers(p.max_segments))):
+            angle = 0.01 + int(rng.integers(p.max_angle))
+            if i % 2 == 0:
+                angle = 2 * math.pi - angle
+            length = 10 + int(rng.integers(p.max_len))
+            brush = 5 + int(rng.integers(p.max_width))
+            ex = int(np.clip(int(x + length * math.sin(angle)), 0, width))
+            ey = int(np.clip(int(y + length * math.cos(angle)), 0, height))
+            # Thick line with round caps: a line of the given width plus a disc of the
+            # same diameter at both ends.
+            draw.line([(x, y), (ex, ey)], fill=1, width=brush)
+            r = brush / 2.0
+            for cx, cy in ((x, y), (ex, ey)):
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+            x, y = ex, ey
+    return np.asarray(img, dtype=np.uint8)
+
+
+def box_mask(
+    rng: np.random.Generator, height: int, width: int, p: MaskParams
+) -> np.ndarray:
+    """LaMa random boxes on a ``height x width`` canvas -> uint8 {0,1}."""
+    m = np.zeros((height, width), np.uint8)
+    max_size = min(p.box_max_size, height - 2 * p.margin, width - 2 * p.margin)
+    if max_size <= p.box_min_size:  # canvas too small for the margins: no boxes
+        return m
+    for _ in range(int(rng.integers(p.min_boxes, p.max_boxes + 1))):
+        bw = int(rng.integers(p.box_min_size, max_size))
+        bh = int(rng.integers(p.box_min_size, max_size))
+        x0 = int(rng.integers(p.margin, width - p.margin - bw + 1))
+        y0 = int(rng.integers(p.margin, height - p.margin - bh + 1))
+        m[y0 : y0 + bh, x0 : x0 + bw] = 1
+    return m
+
+
+def lama_mask(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    variant: str | MaskParams = "thick_256",
+) -> np.ndarray:
+    """One LaMa "random_thick" mask, float32 ``[height, width, 1]``, 1 = hole.
+
+    Drawn at the variant's scale (short side = base size) and resized with nearest
+    neighbour when the requested size differs (see the module docstring).
+    """
+    p = _params(variant)
+    ch, cw = _draw_canvas_shape(height, width, p.base_size)
+    w_irr, w_box = p.irregular_weight, p.box_weight
+    use_box = rng.random() * (w_irr + w_box) >= w_irr
+    m = box_mask(rng, ch, cw, p) if use_box else irregular_mask(rng, ch, cw, p)
+    if (ch, cw) != (height, width):
+        m = np.asarray(
+            Image.fromarray(m).resize((width, height), Image.NEAREST), dtype=np.uint8
+        )
+    return m.astype(np.float32)[..., None]
+
+
+def training_mask(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    variant: str | MaskParams = "thick_256",
+    all_ones_prob: float = 0.5,
+) -> np.ndarray:
+    """The paper's training mask: all ones with prob. ``all_ones_prob``, else LaMa."""
+    if rng.random() < all_ones_prob:
+        return np.ones((height, width, 1), np.float32)
+    return lama_mask(rng, height, width, variant)
+
+
+def batch_masks(
+    keys: Sequence[Sequence[int]],
+    height: int,
+    width: int,
+    variant: str | MaskParams = "thick_256",
+    all_ones_prob: float = 0.5,
+) -> np.ndarray:
+    """Masks ``[len(keys), H, W, 1]``, mask ``i`` drawn from ``example_rng(*keys[i])``."""
+    return np.stack(
+        [
+            training_mask(example_rng(*k), height, width, variant, all_ones_prob)
+            for k in keys
+        ]
+    )

@@ -1,0 +1,430 @@
+"""Training input pipeline: images + inpainting masks, deterministic per step.
+
+Public API
+----------
+``make_train_iterator(config, *, start_step=0, process_index=None, process_count=None)
+-> TrainIterator``
+    An endless iterator of per-host batches ``{"image": float32 [B, S, S, 3] in [-1, 1],
+    "mask": float32 [B, S, S, 1] (1 = hole)}`` with ``B = config.batch_size //
+    process_count`` and ``S = config.image_size``. The first batch is the one for step
+    ``start_step``. ``process_index`` / ``process_count`` default to
+    ``jax.process_index()`` / ``jax.process_count()`` (pass them to simulate hosts).
+    ``TrainIterator.stats`` counts skipped/converted/upsampled files;
+    ``TrainIterator.close()`` (or ``with``) stops the prefetch threads.
+``batch_for_step(config, step, ...)``: the same batch, computed directly (no threads).
+
+Determinism
+-----------
+The batch of step ``s`` on host ``p`` is a pure function of ``(config.seed, s, p)``
+(and the dataset and ``process_count``), never of what was read before, so a run
+resumed at ``start_step=k`` sees exactly the batches an uninterrupted run sees from
+step ``k`` on. Global example ``j`` of step ``s`` (``0 <= j < batch_size``) belongs to
+host ``j // B``: hosts read disjoint parts of every global batch.
+
+* Random-access sources (folders, array_record TFDS): example ``j`` of step ``s`` is
+  global example ``g = s * batch_size + j``; epoch ``g // N`` is a permutation of the
+  ``N`` files seeded by ``(seed, epoch)``, so each epoch visits every file once.
+* Streaming TFDS (tfrecord): see :mod:`asymvq_jax.data.tfds`; host example
+  ``s * B + i`` of the host's own slice.
+
+Crop and mask of example ``j`` of step ``s`` come from generators seeded with
+``(seed, tag, s, j)``.
+
+Augmentation
+------------
+Random square crop with side ``U(0.5, 1) x`` short side at a uniform random position,
+resized to ``image_size``: area interpolation (PIL ``BOX``) when shrinking, bilinear
+when enlarging (what OpenCV's ``INTER_AREA`` does when enlarging). Images whose crop is
+smaller than ``image_size`` -- including tiny images -- are therefore upsampled and
+still used (counted in ``stats["upsampled"]``). No flip. Scaled to [-1, 1] as
+``x / 127.5 - 1``. Masks: :func:`asymvq_jax.data.masks.training_mask`.
+
+Robustness
+----------
+Grayscale, palette, CMYK, RGBA (composited on white), 16-bit (``I;16``) images are
+converted (:func:`asymvq_jax.data.folder.decode_rgb`) and counted in
+``stats["converted"]``. Corrupt or truncated files are skipped: a warning names the
+file with a running count (``stats["skipped"]``) and the example deterministically
+uses another file instead (random access: a retry index seeded by
+``(seed, s, j, attempt)``; streaming: the next good record of the same batch). A
+missing or empty folder / TFDS split fails at start-up with a message naming it.
+
+Config fields read (``ml_collections.ConfigDict``)
+--------------------------------------------------
+``config.seed`` (int >= 0), ``config.batch_size`` (global; divisible by the process
+count), ``config.image_size``, ``config.data.source`` (``"folder"`` | ``"tfds"``),
+``config.data.path`` (folder), ``config.data.name``, ``config.data.split``,
+``config.data.data_dir`` (TFDS; local or ``gs://``; None = TFDS default),
+``config.data.mask`` (``"thick_256"`` | ``"thick_512"``), ``config.data.all_ones_prob``
+(0.5). Optional, with defaults: ``config.data.image_key`` ("image"),
+``config.data.num_workers`` (decode threads, ``min(8, cpu_count)``),
+``config.data.prefetch`` (batches prepared ahead, 2),
+``config.data.shuffle_buffer`` (streaming TFDS, 10000).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images
+from asymvq_jax.data.masks import example_rng, training_mask
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "TrainIterator",
+    "make_train_iterator",
+    "batch_for_step",
+    "random_crop_resize",
+    "FolderSource",
+    "make_source",
+]
+
+_TAG_PERM, _TAG_CROP, _TAG_MASK, _TAG_RETRY = 1, 2, 3, 4
+_MAX_RETRIES = 64
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    try:
+        v = cfg[key] if isinstance(cfg, dict) else getattr(cfg, key)
+    except (KeyError, AttributeError):
+        return default
+    return default if v is None else v
+
+
+# ----------------------------------------------------------------------------- sources
+class FolderSource:
+    """All images under a folder, random access by index (sorted paths)."""
+
+    random_access = True
+
+    def __init__(self, path: str):
+        self.paths = list_images(path)
+        self.desc = f"folder:{path}"
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, i: int) -> tuple[str, str]:
+        p = self.paths[int(i)]
+        return p, p
+
+
+def make_source(config, *, process_index: int, process_count: int):
+    data = config.data
+    kind = _get(data, "source", "folder")
+    if kind == "folder":
+        path = _get(data, "path")
+        if not path:
+            raise ValueError("config.data.path must name an image folder (source='folder')")
+        return FolderSource(os.path.expanduser(str(path)))
+    if kind == "tfds":
+        from asymvq_jax.data.tfds import TfdsSource  # noqa: PLC0415 - TF is optional
+
+        name = _get(data, "name")
+        if not name:
+            raise ValueError("config.data.name must name a TFDS dataset (source='tfds')")
+        return TfdsSource(
+            name,
+            _get(data, "split", "train"),
+            _get(data, "data_dir"),
+            seed=int(config.seed),
+            process_index=process_index,
+            process_count=process_count,
+            image_key=_get(data, "image_key", "image"),
+            shuffle_buffer=int(_get(data, "shuffle_buffer", 10_000)),
+        )
+    raise ValueError(f"config.data.source must be 'folder' or 'tfds', got {kind!r}")
+
+
+# ------------------------------------------------------------------------ augmentation
+def random_crop_resize(
+    img: np.ndarray, rng: np.random.Generator, size: int, min_frac: float = 0.5,
+    max_frac: float = 1.0,
+) -> tuple[np.ndarray, bool]:
+    """Random square crop (side U(min,max) x short side) resized to ``size``.
+
+    ``img``: uint8 [H, W, 3]. Returns (float32 [size, size, 3] in [-1, 1], upsampled).
+    """
+    h, w = img.shape[:2]
+    short = min(h, w)
+    side = int(np.clip(round(rng.uniform(min_frac, max_frac) * short), 1, short))
+    y0 = int(rng.integers(0, h - side + 1))
+    x0 = int(rng.integers(0, w - side + 1))
+    crop = Image.fromarray(img[y0 : y0 + side, x0 : x0 + side])
+    upsampled = side < size
+    if side != size:
+        crop = crop.resize((size, size), Image.BILINEAR if upsampled else Image.BOX)
+    out = np.asarray(crop, dtype=np.float32) / 127.5 - 1.0
+    return out, upsampled
+
+
+# ---------------------------------------------------------------------------- iterator
+class TrainIterator:
+    """Endless per-host batches; see the module docstring. Use as an iterator."""
+
+    def __init__(
+        self,
+        source,
+        *,
+        seed: int,
+        global_batch: int,
+        image_size: int,
+        mask_variant: str = "thick_256",
+        all_ones_prob: float = 0.5,
+        start_step: int = 0,
+        process_index: int = 0,
+        process_count: int = 1,
+        num_workers: int | None = None,
+        prefetch: int = 2,
+        background: bool = True,
+    ):
+        if seed < 0:
+            raise ValueError(f"config.seed must be >= 0, got {seed}")
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index={process_index} / count={process_count}")
+        if global_batch % process_count:
+            raise ValueError(
+                f"config.batch_size={global_batch} is not divisible by the number of "
+                f"processes ({process_count})"
+            )
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.source = source
+        self.seed, self.global_batch, self.image_size = int(seed), global_batch, image_size
+        self.per_host = global_batch // process_count
+        self.mask_variant, self.all_ones_prob = mask_variant, float(all_ones_prob)
+        self.process_index, self.process_count = process_index, process_count
+        self.step = int(start_step)  # step of the next batch returned
+        self.stats = {"skipped": 0, "converted": 0, "upsampled": 0}
+        self._seen: dict[str, set] = {k: set() for k in self.stats}
+        self._bad: set[str] = set()
+        self._lock = threading.Lock()
+        self._perms: OrderedDict[int, np.ndarray] = OrderedDict()
+        self._stream = None
+        if not source.random_access:
+            self._stream = source.stream(self.step * self.per_host)
+        n = num_workers or min(8, os.cpu_count() or 1)
+        self._pool = cf.ThreadPoolExecutor(n, thread_name_prefix="asymvq-decode")
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread = None
+        if background:
+            self._queue = queue.Queue(maxsize=max(1, prefetch))
+            self._thread = threading.Thread(
+                target=self._producer, name="asymvq-data", daemon=True
+            )
+            self._thread.start()
+
+    # -- bookkeeping --------------------------------------------------------------
+    def _count(self, key: str, name: str) -> int | None:
+        with self._lock:
+            if name in self._seen[key]:
+                return None
+            self._seen[key].add(name)
+            self.stats[key] += 1
+            return self.stats[key]
+
+    def _decode(self, payload, name: str) -> np.ndarray | None:
+        if name in self._bad:
+            return None
+        try:
+            arr, note = decode_rgb(payload)
+        except BadImageError as e:
+            with self._lock:
+                self._bad.add(name)
+            n = self._count("skipped", name)
+            if n is not None:
+                log.warning("skipping unreadable image %s (%s); %d skipped so far", name, e, n)
+            return None
+        if note is not None:
+            n = self._count("converted", name)
+            if n is not None:
+                log.info("converted image %s (%s); %d converted so far", name, note, n)
+        return arr
+
+    def _finish(self, arr: np.ndarray, name: str, step: int, j: int):
+        img, up = random_crop_resize(
+            arr, example_rng(self.seed, _TAG_CROP, step, j), self.image_size
+        )
+        if up:
+            self._count("upsampled", name)
+        s = self.image_size
+        mask = training_mask(
+            example_rng(self.seed, _TAG_MASK, step, j), s, s, self.mask_variant,
+            self.all_ones_prob,
+        )
+        return img, mask
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            p = self._perms.get(epoch)
+            if p is None:
+                p = example_rng(self.seed, _TAG_PERM, epoch).permutation(len(self.source))
+                self._perms[epoch] = p
+                while len(self._perms) > 2:
+                    self._perms.popitem(last=False)
+            return p
+
+    # -- one example / one batch ---------------------------------------------------
+    def _random_access_example(self, step: int, j: int):
+        n = len(self.source)
+        g = step * self.global_batch + j
+        epoch, pos = divmod(g, n)
+        idx = int(self._perm(epoch)[pos])
+        for attempt in range(_MAX_RETRIES):
+            payload, name = self.source.get(idx)
+            arr = self._decode(payload, name)
+            if arr is not None:
+                return self._finish(arr, name, step, j)
+            idx = int(example_rng(self.seed, _TAG_RETRY, step, j, attempt).integers(n))
+        raise RuntimeError(
+            f"{self.source.desc}: {_MAX_RETRIES} unreadable images in a row "
+            f"({self.stats['skipped']} skipped so far); is the dataset corrupt?"
+        )
+
+    def _make_batch(self, step: int) -> dict[str, np.ndarray]:
+        base = self.process_index * self.per_host
+        js = range(base, base + self.per_host)
+        if self.source.random_access:
+            results = list(self._pool.map(lambda j: self._random_access_example(step, j), js))
+        else:
+            records = [next(self._stream) for _ in js]
+            arrs = list(self._pool.map(lambda r: self._decode(*r), records))
+            good = [i for i, a in enumerate(arrs) if a is not None]
+            if not good:
+                raise RuntimeError(
+                    f"{self.source.desc}: a whole batch of unreadable images at step {step}"
+                )
+            picks = []
+            for i in range(len(records)):  # bad record -> next good one of the batch
+                k = next(k for k in good + [g + len(records) for g in good] if k >= i)
+                picks.append(k % len(records))
+            results = list(
+                self._pool.map(
+                    lambda ij: self._finish(arrs[ij[1]], records[ij[1]][1], step, js[ij[0]]),
+                    enumerate(picks),
+                )
+            )
+        return {
+            "image": np.stack([r[0] for r in results]),
+            "mask": np.stack([r[1] for r in results]),
+        }
+
+    # -- iteration -----------------------------------------------------------------
+    def _producer(self):
+        step = self.step
+        while not self._stop.is_set():
+            try:
+                item = (step, self._make_batch(step), None)
+            except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+            step += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._stop.is_set():
+            raise StopIteration
+        if self._queue is None:
+            batch = self._make_batch(self.step)
+        else:
+            step, batch, err = self._queue.get()
+            if err is not None:
+                self.close()
+                raise err
+            assert step == self.step
+        self.step += 1
+        return batch
+
+    def close(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _process_info(process_index, process_count):
+    if process_index is None or process_count is None:
+        import jax  # noqa: PLC0415
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    return int(process_index), int(process_count)
+
+
+def make_train_iterator(
+    config,
+    *,
+    start_step: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    background: bool = True,
+) -> TrainIterator:
+    """Endless per-host training batches starting at ``start_step`` (module docstring)."""
+    process_index, process_count = _process_info(process_index, process_count)
+    if int(config.batch_size) % process_count:
+        raise ValueError(
+            f"config.batch_size={config.batch_size} is not divisible by the number of "
+            f"processes ({process_count})"
+        )
+    source = make_source(config, process_index=process_index, process_count=process_count)
+    data = config.data
+    return TrainIterator(
+        source,
+        seed=int(config.seed),
+        global_batch=int(config.batch_size),
+        image_size=int(config.image_size),
+        mask_variant=str(_get(data, "mask", "thick_256")),
+        all_ones_prob=float(_get(data, "all_ones_prob", 0.5)),
+        start_step=start_step,
+        process_index=process_index,
+        process_count=process_count,
+        num_workers=_get(data, "num_workers"),
+        prefetch=int(_get(data, "prefetch", 2)),
+        background=background,
+    )
+
+
+def batch_for_step(
+    config, step: int, *, process_index: int | None = None, process_count: int | None = None
+) -> dict[str, np.ndarray]:
+    """The batch ``make_train_iterator(config, start_step=step)`` yields first."""
+    it = make_train_iterator(
+        config, start_step=step, process_index=process_index,
+        process_count=process_count, background=False,
+    )
+    try:
+        return next(it)
+    finally:
+        it.close()
