@@ -1,0 +1,135 @@
+"""Building blocks shared by the encoder and the decoders (NHWC, diffusers naming)."""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class Dtypes:
+    """Compute and storage dtypes, passed to every layer."""
+
+    def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+
+    def conv(self, cin, cout, kernel, rngs, *, stride=1, padding=None, use_bias=True):
+        if padding is None:
+            padding = kernel // 2
+        pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+        return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, use_bias=use_bias,
+                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+    def group_norm(self, channels, groups, rngs, eps=1e-6):
+        # Two-pass variance, as torch computes it: the one-pass form drifts from diffusers.
+        return nnx.GroupNorm(channels, num_groups=groups, epsilon=eps, use_fast_variance=False,
+                             dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+    def linear(self, cin, cout, rngs):
+        return nnx.Linear(cin, cout, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+
+
+class ResnetBlock(nnx.Module):
+    """GN-SiLU-conv3x3-GN-SiLU-conv3x3 with a 1x1 shortcut when the width changes."""
+
+    def __init__(self, cin, cout, groups, dt: Dtypes, rngs):
+        self.norm1 = dt.group_norm(cin, groups, rngs)
+        self.conv1 = dt.conv(cin, cout, 3, rngs)
+        self.norm2 = dt.group_norm(cout, groups, rngs)
+        self.conv2 = dt.conv(cout, cout, 3, rngs)
+        self.conv_shortcut = dt.conv(cin, cout, 1, rngs) if cin != cout else None
+
+    def __call__(self, x):
+        h = self.conv1(nnx.silu(self.norm1(x)))
+        h = self.conv2(nnx.silu(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class Attention(nnx.Module):
+    """Single-head self-attention over all pixels, with a residual connection."""
+
+    def __init__(self, channels, groups, dt: Dtypes, rngs):
+        self.group_norm = dt.group_norm(channels, groups, rngs)
+        self.to_q = dt.linear(channels, channels, rngs)
+        self.to_k = dt.linear(channels, channels, rngs)
+        self.to_v = dt.linear(channels, channels, rngs)
+        self.to_out = nnx.List([dt.linear(channels, channels, rngs)])
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        y = self.group_norm(x).reshape(b, h * w, c)
+        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k) / jnp.sqrt(c).astype(q.dtype)
+        # Softmax in float32 even under bf16 compute, as diffusers upcasts it.
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        y = self.to_out[0](jnp.einsum("bqk,bkc->bqc", weights, v))
+        return x + y.reshape(b, h, w, c)
+
+
+class Downsample(nnx.Module):
+    """Pad right/bottom by one, then a 3x3 stride-2 conv without padding."""
+
+    def __init__(self, channels, dt: Dtypes, rngs):
+        self.conv = dt.conv(channels, channels, 3, rngs, stride=2, padding=0)
+
+    def __call__(self, x):
+        return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
+
+
+class Upsample(nnx.Module):
+    """Nearest x2, then a 3x3 conv."""
+
+    def __init__(self, channels, dt: Dtypes, rngs):
+        self.conv = dt.conv(channels, channels, 3, rngs)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+
+
+def call_block(block, x, remat: bool):
+    """Runs a block, rematerialising its activations in the backward pass if asked."""
+    if not remat:
+        return block(x)
+    return nnx.remat(lambda m, y: m(y))(block, x)
+
+
+class MidBlock(nnx.Module):
+    """ResNet, attention, ResNet at the lowest resolution."""
+
+    def __init__(self, channels, groups, dt: Dtypes, rngs):
+        self.resnets = nnx.List([ResnetBlock(channels, channels, groups, dt, rngs) for _ in range(2)])
+        self.attentions = nnx.List([Attention(channels, groups, dt, rngs)])
+
+    def __call__(self, x, remat=False):
+        x = call_block(self.resnets[0], x, remat)
+        x = call_block(self.attentions[0], x, remat)
+        return call_block(self.resnets[1], x, remat)
+
+
+class DownBlock(nnx.Module):
+    def __init__(self, cin, cout, layers, groups, add_downsample, dt: Dtypes, rngs):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, dt, rngs)
+                                 for i in range(layers)])
+        self.downsamplers = nnx.List([Downsample(cout, dt, rngs)] if add_downsample else [])
+
+    def __call__(self, x, remat=False):
+        for resnet in self.resnets:
+            x = call_block(resnet, x, remat)
+        for down in self.downsamplers:
+            x = down(x)
+        return x
+
+
+class UpBlock(nnx.Module):
+    def __init__(self, cin, cout, layers, groups, add_upsample, dt: Dtypes, rngs):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, dt, rngs)
+                                 for i in range(layers)])
+        self.upsamplers = nnx.List([Upsample(cout, dt, rngs)] if add_upsample else [])
+
+    def __call__(self, x, remat=False):
+        for resnet in self.resnets:
+            x = call_block(resnet, x, remat)
+        for up in self.upsamplers:
+            x = up(x)
+        return x

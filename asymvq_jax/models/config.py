@@ -1,0 +1,108 @@
+"""Autoencoder configuration, the published presets, and the diffusers config.json mapping."""
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Shape of an SD-style KL autoencoder; `asymmetric` adds the masked-image branch.
+
+    Channel tuples are in diffusers order (high resolution first).
+    """
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_down_block: int = 2
+    up_block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_up_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    asymmetric: bool = True
+
+    def __post_init__(self):
+        for name in ("down_block_out_channels", "up_block_out_channels"):
+            channels = tuple(getattr(self, name))
+            object.__setattr__(self, name, channels)
+            bad = [c for c in channels if c % self.norm_num_groups]
+            if bad:
+                raise ValueError(f"{name}={channels}: {bad} not divisible by norm_num_groups={self.norm_num_groups}")
+        if self.asymmetric and len(self.up_block_out_channels) != 4:
+            # The branch has a fixed stride of 16: features at H, H, H/2, H/4, H/8.
+            raise ValueError(f"the asymmetric decoder needs 4 up levels, got up_block_out_channels={self.up_block_out_channels}")
+
+    def replace(self, **changes) -> "VAEConfig":
+        return dataclasses.replace(self, **changes)
+
+    # -- diffusers config.json --------------------------------------------------------------
+
+    @property
+    def diffusers_class(self) -> str:
+        return "AsymmetricAutoencoderKL" if self.asymmetric else "AutoencoderKL"
+
+    def to_diffusers_config(self) -> dict[str, Any]:
+        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, act_fn="silu",
+                                    latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
+                                    sample_size=256, scaling_factor=self.scaling_factor)
+        if self.asymmetric:
+            return {"_class_name": "AsymmetricAutoencoderKL", **common,
+                            "down_block_types": ["DownEncoderBlock2D"] * len(self.down_block_out_channels),
+                            "down_block_out_channels": list(self.down_block_out_channels),
+                            "layers_per_down_block": self.layers_per_down_block,
+                            "up_block_types": ["UpDecoderBlock2D"] * len(self.up_block_out_channels),
+                            "up_block_out_channels": list(self.up_block_out_channels),
+                            "layers_per_up_block": self.layers_per_up_block}
+        if (self.down_block_out_channels != self.up_block_out_channels
+                or self.layers_per_down_block != self.layers_per_up_block):
+            raise ValueError("diffusers' AutoencoderKL has one block_out_channels/layers_per_block for both halves; "
+                                              f"this config differs: {self}")
+        return {"_class_name": "AutoencoderKL", **common,
+                        "down_block_types": ["DownEncoderBlock2D"] * len(self.down_block_out_channels),
+                        "up_block_types": ["UpDecoderBlock2D"] * len(self.up_block_out_channels),
+                        "block_out_channels": list(self.down_block_out_channels),
+                        "layers_per_block": self.layers_per_down_block,
+                        "shift_factor": self.shift_factor}
+
+    @classmethod
+    def from_diffusers_config(cls, cfg: dict[str, Any]) -> "VAEConfig":
+        kind = cfg.get("_class_name")
+        if kind not in ("AsymmetricAutoencoderKL", "AutoencoderKL"):
+            raise ValueError(f"config.json _class_name={kind!r}: expected AutoencoderKL or AsymmetricAutoencoderKL")
+        act = cfg.get("act_fn", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json act_fn={act!r}: only 'silu' is supported")
+        common = dict(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
+                                    latent_channels=cfg.get("latent_channels", 4), norm_num_groups=cfg.get("norm_num_groups", 32),
+                                    scaling_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor"))
+        if kind == "AsymmetricAutoencoderKL":
+            return cls(**common, asymmetric=True,
+                                  down_block_out_channels=tuple(cfg["down_block_out_channels"]),
+                                  layers_per_down_block=cfg.get("layers_per_down_block", 1),
+                                  up_block_out_channels=tuple(cfg["up_block_out_channels"]),
+                                  layers_per_up_block=cfg.get("layers_per_up_block", 1))
+        for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            if cfg.get(flag, True) is False:
+                raise ValueError(f"config.json {flag}=false is not supported")
+        channels = tuple(cfg.get("block_out_channels", (64,)))
+        layers = cfg.get("layers_per_block", 1)
+        return cls(**common, asymmetric=False, down_block_out_channels=channels, layers_per_down_block=layers,
+                              up_block_out_channels=channels, layers_per_up_block=layers)
+
+
+_SD = VAEConfig(asymmetric=False)
+
+PRESETS: dict[str, VAEConfig] = {
+        "sd": _SD,
+        "asym-base": _SD.replace(asymmetric=True),
+        "asym-x1.5": _SD.replace(asymmetric=True, up_block_out_channels=(192, 384, 768, 768), layers_per_up_block=3),
+        "asym-x2": _SD.replace(asymmetric=True, up_block_out_channels=(256, 512, 1024, 1024), layers_per_up_block=5),
+}
+
+
+def preset(name: str, **overrides) -> VAEConfig:
+    """A published size, optionally changed (e.g. `latent_channels=16` for SD3/FLUX-style latents)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)
