@@ -1,0 +1,202 @@
+"""from_pretrained / save_pretrained: checkpoints <-> the Flax NNX AutoencoderKL."""
+
+import logging
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+from asymvq_jax.models.config import VAEConfig
+
+from . import keys as K
+from . import writers
+from .errors import KeyMismatchError, ShapeMismatchError
+from .readers import Checkpoint, read_checkpoint
+
+log = logging.getLogger(__name__)
+
+_MAX_LISTED = 40
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers tensors <-> Flax params (pure numpy)
+# --------------------------------------------------------------------------------------------
+
+def diffusers_to_flax_params(tensors: dict[str, np.ndarray], expected: dict[K.Path, tuple[int, ...]] | None = None
+                             ) -> dict[K.Path, np.ndarray]:
+    """diffusers-layout tensors as Flax params, checked against `expected` {path: Flax shape}:
+    missing and unexpected keys (diffusers names) and shape mismatches raise, each listed."""
+    params: dict[K.Path, np.ndarray] = {}
+    unknown: list[str] = []
+    for k, v in tensors.items():
+        try:
+            path, arr = K.diffusers_to_flax(k, v)
+        except ValueError:
+            unknown.append(k)
+            continue
+        params[path] = arr
+    if expected is None:
+        if unknown:
+            raise KeyMismatchError(f"unexpected keys: {_listing(sorted(unknown))}", [], sorted(unknown))
+        return params
+    missing = sorted(_dkey(p) for p in expected if p not in params)
+    unexpected = sorted(unknown + [_dkey(p) for p in params if p not in expected])
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        raise KeyMismatchError("checkpoint does not fit the model: " + "; ".join(parts), missing, unexpected)
+    mismatches = []
+    for p, shape in expected.items():
+        if tuple(params[p].shape) != tuple(shape):
+            mismatches.append((_dkey(p), K.flax_shape_to_diffusers(p, tuple(shape)),
+                               K.flax_shape_to_diffusers(p, tuple(params[p].shape))))
+    if mismatches:
+        lines = "; ".join(f"{k}: expected {e}, got {g}" for k, e, g in mismatches[:_MAX_LISTED])
+        raise ShapeMismatchError(f"{len(mismatches)} shape mismatches (torch layout): {lines}", mismatches)
+    return params
+
+
+def _dkey(path: K.Path) -> str:
+    *module, leaf = (str(p) for p in path)
+    return ".".join(module + ["bias" if leaf == "bias" else "weight"])
+
+
+def flax_params_to_diffusers(params: dict[K.Path, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for p, v in params.items():
+        k, arr = K.flax_to_diffusers(p, v)
+        out[k] = arr
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the NNX model
+# --------------------------------------------------------------------------------------------
+
+def _model_class():
+    from asymvq_jax.models.autoencoder import AutoencoderKL
+    return AutoencoderKL
+
+
+def abstract_model(cfg: VAEConfig, *, dtype=None, param_dtype=None):
+    """The model's structure and shapes, without running its initialisers."""
+    import jax.numpy as jnp
+    from flax import nnx
+    cls = _model_class()
+    dtype = jnp.float32 if dtype is None else dtype
+    param_dtype = jnp.float32 if param_dtype is None else param_dtype
+
+    def make():
+        return cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+    return make, nnx.eval_shape(make)
+
+
+def expected_shapes(abstract) -> dict[K.Path, tuple[int, ...]]:
+    from flax import nnx
+    return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+
+
+def build_model(cfg: VAEConfig, params: dict[K.Path, np.ndarray], *, dtype=None, param_dtype=None):
+    """An AutoencoderKL holding `params` (Flax layout); every parameter must be given."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    make, abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
+    graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+    flat = nnx.to_flat_state(abs_params)
+    filled = []
+    for path, var in flat:
+        arr = params[tuple(path)]
+        target = var.dtype if param_dtype is None else param_dtype
+        filled.append((path, var.replace(jnp.asarray(arr, dtype=target))))
+    if jax.tree.leaves(abs_rest):
+        # Non-parameter state (RNG streams): compute just that; XLA drops the unused initialisers.
+        rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
+    else:
+        rest = abs_rest
+    return nnx.merge(graphdef, nnx.from_flat_state(filled), rest)
+
+
+def model_params(vae) -> dict[K.Path, np.ndarray]:
+    from flax import nnx
+    return {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+            for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
+
+
+# --------------------------------------------------------------------------------------------
+# public API
+# --------------------------------------------------------------------------------------------
+
+def load_checkpoint_params(ckpt: Checkpoint, abstract) -> dict[K.Path, np.ndarray]:
+    try:
+        return diffusers_to_flax_params(ckpt.tensors, expected_shapes(abstract))
+    except KeyMismatchError as e:
+        raise KeyMismatchError(f"{ckpt.source} ({ckpt.layout}): {e}", e.missing, e.unexpected) from None
+    except ShapeMismatchError as e:
+        raise ShapeMismatchError(f"{ckpt.source} ({ckpt.layout}, config {ckpt.config}): {e}", e.mismatches) from None
+
+
+def from_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: Any = None,
+                    param_dtype: Any = None, config: VAEConfig | None = None):
+    """Load an AutoencoderKL from any supported checkpoint.
+
+    `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin, or a
+    pipeline folder with vae/), a single .safetensors/.ckpt/.bin in original LDM layout (a whole
+    SD checkpoint with `first_stage_model.` is fine; the rest is dropped), an Asymmetric_VQGAN
+    Lightning checkpoint, or our own asymvq folder/file. Pickles need `allow_pickle=True`.
+    `config` overrides the read/inferred config (only needed for non-default norm groups or
+    scaling factor of bare LDM files). dtype/param_dtype default to float32.
+    """
+    ckpt = read_checkpoint(os.fspath(path), allow_pickle=allow_pickle, config=config)
+    make, abstract = abstract_model(ckpt.config, dtype=dtype, param_dtype=param_dtype)
+    params = load_checkpoint_params(ckpt, abstract)
+    return build_model(ckpt.config, params, dtype=dtype, param_dtype=param_dtype)
+
+
+def save_pretrained(vae, out: str | os.PathLike, format: str = "diffusers", *, dtype: Any = None) -> str:
+    """Export `vae` as "diffusers" (folder), "ldm" (one .safetensors) or "asymvq" (ours: folder,
+    or one file when `out` ends in .safetensors). `dtype` (e.g. np.float16) casts the weights;
+    default: as held. Returns the written path. See `writers` for the formats."""
+    out = os.fspath(out)
+    if format not in writers.FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {writers.FORMATS}")
+    cfg: VAEConfig = vae.config
+    params = model_params(vae)
+    if dtype is not None:
+        params = {p: v.astype(dtype) for p, v in params.items()}
+    if format == "asymvq":
+        return writers.write_asymvq(out, params, cfg)
+    tensors = flax_params_to_diffusers(params)
+    if format == "diffusers":
+        return writers.write_diffusers(out, tensors, cfg)
+    return writers.write_ldm(out, tensors, cfg)
+
+
+# Resolvers turn a CLI source into a model. The training code can insert one that recognises a
+# training workdir (e.g. `SOURCE_RESOLVERS.insert(0, workdir_resolver)`); a resolver returns
+# None when the source is not its kind.
+SourceResolver = Callable[[str, bool], Any]
+
+
+def _checkpoint_resolver(src: str, allow_pickle: bool):
+    return from_pretrained(src, allow_pickle=allow_pickle)
+
+
+SOURCE_RESOLVERS: list[SourceResolver] = [_checkpoint_resolver]
+
+
+def resolve_source(src: str, *, allow_pickle: bool = False):
+    """The model a CLI `SRC` names: the first resolver that recognises it wins."""
+    for resolver in SOURCE_RESOLVERS:
+        model = resolver(src, allow_pickle)
+        if model is not None:
+            return model
+    raise ValueError(f"{src}: no resolver recognised this source")
