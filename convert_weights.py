@@ -1,0 +1,69 @@
+#!/usr/bin/env python
+"""Convert autoencoder weights between diffusers, original LDM / Asymmetric_VQGAN and asymvq.
+
+  python convert_weights.py import SRC DST [--allow-pickle]
+  python convert_weights.py export SRC DST --format diffusers|ldm|asymvq [--allow-pickle] [--fp16]
+"""
+
+import argparse
+import logging
+import sys
+
+FORMATS_HELP = """\
+formats read (SRC, detected from files, keys and shapes):
+  diffusers   folder with config.json + diffusion_pytorch_model.safetensors (or .bin), for
+              AutoencoderKL or AsymmetricAutoencoderKL; a pipeline folder with vae/ works too
+  ldm         one .safetensors/.ckpt/.bin in the original CompVis layout (encoder.down.N.block.M,
+              mid.attn_1.q, ...); whole SD checkpoints (first_stage_model.*) keep only the VAE
+  asymmetric  an Asymmetric_VQGAN (Lightning) checkpoint: state_dict with decoder.encoder.layers.N;
+              the unused decoder.up_layers.* and loss.* are dropped (and reported)
+  asymvq      ours: folder with asymvq_config.json + params.safetensors (Flax paths, Flax layout),
+              or that .safetensors alone (config in its metadata)
+
+formats written (DST):
+  asymvq      (import) the folder above; DST ending in .safetensors writes the single file
+  diffusers   folder: config.json (with _diffusers_version) + diffusion_pytorch_model.safetensors;
+              loads with diffusers' AsymmetricAutoencoderKL/AutoencoderKL.from_pretrained
+  ldm         one .safetensors in the original layout; the asymmetric branch is named
+              decoder.encoder.layers.N as in Asymmetric_VQGAN
+
+.ckpt/.bin/.pt files are pickles, which can run code when loaded: they are refused unless
+--allow-pickle is given, and then read with torch.load(weights_only=True).
+Outputs are written to a temporary path and moved into place only when complete.
+"""
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=FORMATS_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("src", metavar="SRC", help="checkpoint file or folder (any format read)")
+    common.add_argument("dst", metavar="DST", help="output folder or file")
+    common.add_argument("--allow-pickle", action="store_true",
+                        help="allow .ckpt/.bin pickles (only for files you trust)")
+    common.add_argument("--fp16", action="store_true", help="write float16 weights")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub.add_parser("import", parents=[common], help="any checkpoint -> asymvq (ours)",
+                   epilog=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp = sub.add_parser("export", parents=[common], help="any checkpoint -> diffusers / ldm / asymvq",
+                         epilog=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    exp.add_argument("--format", required=True, choices=("diffusers", "ldm", "asymvq"), help="output format")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+
+    from asymvq_jax.convert import ConvertError, resolve_source, save_pretrained
+
+    fmt = "asymvq" if args.command == "import" else args.format
+    try:
+        vae = resolve_source(args.src, allow_pickle=args.allow_pickle)
+        out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None)
+    except (ConvertError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.info("wrote %s (%s)", out, fmt)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
