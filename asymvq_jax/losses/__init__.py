@@ -17,6 +17,7 @@ from asymvq_jax.losses.gan import (
     hinge_d_loss,
     kl_loss,
     reconstruction_nll,
+    stateless,
     vanilla_d_loss,
 )
 from asymvq_jax.losses.lpips import (
@@ -33,5 +34,5 @@ __all__ = [
     "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
     "adaptive_weight", "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
     "generator_loss", "generator_total_loss", "hinge_d_loss", "kl_loss",
-    "reconstruction_nll", "vanilla_d_loss",
+    "reconstruction_nll", "stateless", "vanilla_d_loss",
 ]

@@ -21,6 +21,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 DISC_WEIGHT = 0.8
 KL_WEIGHT = 1e-6
@@ -107,6 +108,21 @@ def adaptive_weight_from_grads(nll_grad: jax.Array, g_grad: jax.Array,
     return jax.lax.stop_gradient(w * disc_weight)
 
 
+def stateless(module: nnx.Module) -> Callable[..., jax.Array]:
+    """A pure function calling a *copy* of ``module`` (state updates, e.g. BatchNorm
+    running stats, are discarded).  ``adaptive_weight`` differentiates ``nll_fn``/``g_fn``
+    with an inner ``jax.grad``; NNX refuses to mutate a module's variables from that inner
+    trace, so wrap a train-mode discriminator (or LPIPS) with this:
+    ``g_fn = lambda r: generator_loss(stateless(disc)(r))``.  The ordinary ``D(x_rec)``
+    call of the generator loss still updates the running stats once, as in torch."""
+    graphdef, state = nnx.split(module)
+
+    def call(*args, **kwargs):
+        return nnx.merge(graphdef, state, copy=True)(*args, **kwargs)
+
+    return call
+
+
 def conv_out_apply(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                    padding=None) -> jax.Array:
     """Stride-1 NHWC/HWIO convolution as the decoder's ``conv_out`` (3x3, pad 1 for SD).
@@ -137,7 +153,9 @@ def adaptive_weight(
 
     Args:
       nll_fn: ``x_rec -> scalar nll`` (e.g. ``lambda r: reconstruction_nll(x, r, lpips(x, r))``).
-      g_fn: ``x_rec -> scalar generator loss`` (e.g. ``lambda r: generator_loss(D(r))``).
+      g_fn: ``x_rec -> scalar generator loss`` (e.g.
+        ``lambda r: generator_loss(stateless(D)(r))``; both functions must be pure, see
+        :func:`stateless`).
         Anything the decoder does *after* conv_out (e.g. mask compositing) belongs inside
         these two functions.
       h: the activations entering ``conv_out`` (from the forward pass; gradients are
@@ -175,5 +193,5 @@ __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
     "hinge_d_loss", "vanilla_d_loss", "generator_loss", "disc_factor",
     "reconstruction_nll", "kl_loss", "adaptive_weight", "adaptive_weight_from_grads",
-    "conv_out_apply", "generator_total_loss",
+    "conv_out_apply", "generator_total_loss", "stateless",
 ]
