@@ -417,3 +417,60 @@ def test_cli(asym_dir, asym_torch, tmp_path):
     torch.save(asym_torch.state_dict(), tmp_path / "x.bin")
     r = run("export", tmp_path / "x.bin", tmp_path / "out", "--format", "diffusers")
     assert r.returncode == 2 and "--allow-pickle" in r.stderr and not (tmp_path / "out").exists()
+
+
+# -- detection and other sources ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["sd", "asym-base", "asym-x1.5", "asym-x2"])
+def test_presets_are_detected_from_shapes(name):
+    """Shapes only (zero-stride arrays): every published size is inferred and named."""
+    from asymvq_jax.convert.api import _dkey, abstract_model, expected_shapes
+    from asymvq_jax.convert.readers import infer_config, match_preset
+    from asymvq_jax.models.config import PRESETS
+    _, abstract = abstract_model(PRESETS[name])
+    shapes = {_dkey(p): K.flax_shape_to_diffusers(p, s) for p, s in expected_shapes(abstract).items()}
+    fake = {k: np.broadcast_to(np.zeros((), np.float32), s) for k, s in shapes.items()}
+    cfg = infer_config(fake)
+    assert cfg == PRESETS[name]
+    assert match_preset(cfg) == name
+
+
+def test_diffusers_bin_folder_and_legacy_attention_names(plain_torch, tmp_path):
+    folder = tmp_path / "bin"
+    plain_torch.save_pretrained(folder, safe_serialization=False)
+    assert (folder / "diffusion_pytorch_model.bin").exists()
+    with pytest.raises(PickleNotAllowedError):
+        from_pretrained(folder)
+    vae = from_pretrained(folder, allow_pickle=True)
+    save_pretrained(vae, tmp_path / "out", format="diffusers")
+    _assert_same(load_file(tmp_path / "out" / "diffusion_pytorch_model.safetensors"), _numpy_sd(plain_torch))
+    # pre-0.14 diffusers attention names (query/key/value/proj_attn) still load
+    legacy = {}
+    for k, v in _numpy_sd(plain_torch).items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            k = k.replace(f".attentions.0.{new}.", f".attentions.0.{old}.")
+        legacy[k] = v
+    save_file(legacy, tmp_path / "legacy.safetensors")
+    save_pretrained(from_pretrained(tmp_path / "legacy.safetensors"), tmp_path / "out2", format="diffusers")
+    _assert_same(load_file(tmp_path / "out2" / "diffusion_pytorch_model.safetensors"), _numpy_sd(plain_torch))
+
+
+def test_dtypes(asym_dir, asym_torch, tmp_path):
+    import jax.numpy as jnp
+    from asymvq_jax.convert import model_params
+    vae = from_pretrained(asym_dir, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)
+    assert {v.dtype for v in model_params(vae).values()} == {np.dtype(jnp.bfloat16)}
+    save_pretrained(vae, tmp_path / "bf16", format="asymvq")
+    assert from_pretrained(tmp_path / "bf16", param_dtype=jnp.bfloat16).config == vae.config
+    vae32 = from_pretrained(asym_dir)
+    save_pretrained(vae32, tmp_path / "fp16", format="diffusers", dtype=np.float16)
+    assert {v.dtype for v in load_file(tmp_path / "fp16" / "diffusion_pytorch_model.safetensors").values()} == {
+        np.dtype(np.float16)}
+    loaded = diffusers.AsymmetricAutoencoderKL.from_pretrained(tmp_path / "fp16", torch_dtype=torch.float16)
+    ref = asym_torch.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert v.dtype == torch.float16
+        assert torch.equal(v, ref[k].half()), k
+    # fp16 in, float32 params out: exact
+    back = from_pretrained(tmp_path / "fp16")
+    assert all(v.dtype == np.float32 for v in model_params(back).values())

@@ -52,7 +52,8 @@ def diffusers_to_flax_params(tensors: dict[str, np.ndarray], expected: dict[K.Pa
             parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
-        raise KeyMismatchError("checkpoint does not fit the model: " + "; ".join(parts), missing, unexpected)
+        raise KeyMismatchError("checkpoint does not fit the model (keys in diffusers naming): " + "; ".join(parts),
+                               missing, unexpected)
     mismatches = []
     for p, shape in expected.items():
         if tuple(params[p].shape) != tuple(shape):

@@ -273,6 +273,10 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, ASYMVQ_CONFIG)):
             meta = _read_json(os.path.join(path, ASYMVQ_CONFIG))
+            version = meta.get("format_version")
+            if meta.get("format") != "asymvq" or not isinstance(version, int) or version > ASYMVQ_FORMAT_VERSION:
+                raise UnknownFormatError(f"{path}/{ASYMVQ_CONFIG}: format {meta.get('format')!r} version {version!r}; "
+                                         f"this code reads asymvq versions <= {ASYMVQ_FORMAT_VERSION}")
             json_cfg = config_from_json(meta.get("config", {}))
             weights = os.path.join(path, ASYMVQ_WEIGHTS)
             if not os.path.isfile(weights):
