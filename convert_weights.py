@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     exp.add_argument("--format", required=True, choices=("diffusers", "ldm", "asymvq"), help="output format")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
+    logging.getLogger("jax").setLevel(logging.WARNING)
 
     from asymvq_jax.convert import ConvertError, resolve_source, save_pretrained
 

@@ -306,6 +306,8 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
     tensors, dropped = to_diffusers_layout(tensors, layout, weights)
     cfg = config or json_cfg or infer_config(tensors)
     ckpt = Checkpoint(tensors=tensors, config=cfg, layout=layout, source=weights, dropped=dropped)
-    log.info("%s: format %s, preset %s%s", path, layout, ckpt.preset_name,
-             "" if (config or json_cfg) else " (config inferred from shapes)")
+    log.info("%s: format %s, preset %s (%s decoder, down %s x%d, up %s x%d, latent %d)%s", path, layout,
+             ckpt.preset_name, "asymmetric" if cfg.asymmetric else "plain", list(cfg.down_block_out_channels),
+             cfg.layers_per_down_block, list(cfg.up_block_out_channels), cfg.layers_per_up_block, cfg.latent_channels,
+             "" if (config or json_cfg) else "; config inferred from shapes")
     return ckpt
