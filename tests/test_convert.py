@@ -208,8 +208,7 @@ def test_full_sd_checkpoint_keeps_only_the_vae(plain_torch, tmp_path, caplog):
     _assert_same(load_file(tmp_path / "vae.safetensors"), ldm)
 
 
-def test_preset_detection_is_logged(tmp_path, caplog):
-    assert read_checkpoint.__doc__
+def test_match_preset_ignores_scaling_factor():
     from asymvq_jax.convert import match_preset
     from asymvq_jax.models.config import PRESETS
     assert match_preset(PRESETS["asym-x1.5"].replace(scaling_factor=0.13025)) == "asym-x1.5"
