@@ -14,16 +14,15 @@ from flax import nnx
 
 from asymvq_jax.losses.discriminator import NLayerDiscriminator
 from asymvq_jax.losses.gan import (
-    adaptive_weight,
     adaptive_weight_from_grads,
     conv_out_apply,
-    stateless,
     disc_factor,
     generator_loss,
     generator_total_loss,
     hinge_d_loss,
     kl_loss,
     reconstruction_nll,
+    weighted_head_grads,
 )
 from asymvq_jax.losses.lpips import LPIPS, expected_shapes
 
@@ -79,7 +78,10 @@ def _group_norm(h, scale, bias, groups, eps=1e-6):
     return g.reshape(b, hh, ww, c) * scale + bias
 
 
-def test_adaptive_weight_equals_naive_two_gradients():
+@pytest.mark.parametrize("factor", [1.0, 0.0])
+def test_head_gradients_equal_naive_full_gradients(factor):
+    """The train step's one-pass gradient against the naive form: the adaptive weight from two
+    full gradients w.r.t. the conv_out kernel, then the full gradient of the total loss."""
     key = jax.random.PRNGKey(0)
     ks = jax.random.split(key, 8)
     cin, cmid = 4, 16
@@ -106,28 +108,35 @@ def test_adaptive_weight_equals_naive_two_gradients():
                 if k.startswith("trunk") and k.endswith("kernel") else
                 (np.abs(rng.normal(size=s)) * 0.1).astype(np.float32)
                 for k, s in expected_shapes().items()})
-    disc = NLayerDiscriminator(ndf=8, rngs=nnx.Rngs(0))  # train mode: batch statistics
+    disc_def, disc_state = nnx.split(NLayerDiscriminator(ndf=8, rngs=nnx.Rngs(0)))  # train mode
+    disc_state = nnx.to_pure_dict(disc_state)  # fresh variables at each merge: no cross-trace mutation
 
     def nll_fn(r):
-        return reconstruction_nll(x, r, stateless(lp)(x, r))
+        return reconstruction_nll(x, r, lp(x, r))
 
     def g_fn(r):
-        return generator_loss(stateless(disc)(r))
+        return generator_loss(nnx.merge(disc_def, disc_state)(r))
 
-    # naive: two gradients of the full network w.r.t. the conv_out kernel
     @jax.jit
-    def naive_fn(p):
+    def naive(p):
         g_nll = jax.grad(lambda q: nll_fn(decoder(q)))(p)["conv_out_k"]
         g_g = jax.grad(lambda q: g_fn(decoder(q)))(p)["conv_out_k"]
-        return 0.8 * jnp.clip(jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + 1e-4), 0, 1e4)
-
-    naive = naive_fn(params)
+        d_weight = factor * 0.8 * jnp.clip(jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + 1e-4), 0, 1e4)
+        total = jax.grad(lambda q: nll_fn(decoder(q)) + d_weight * factor * g_fn(decoder(q)))(p)
+        return d_weight, total
 
     @jax.jit
     def fast(p):
-        h = features(p)
-        return adaptive_weight(nll_fn, g_fn, h, p["conv_out_k"], p["conv_out_b"], disc_weight=0.8)
+        h, body_vjp = jax.vjp(features, p)
+        _, head_vjp = jax.vjp(lambda h, k, b: (nll_fn(conv_out_apply(h, k, b)), g_fn(conv_out_apply(h, k, b))),
+                              h, p["conv_out_k"], p["conv_out_b"])
+        d_weight, (gh, gk, gb) = weighted_head_grads(head_vjp, jnp.float32(factor), 0.8)
+        grads = body_vjp(gh)[0]
+        return d_weight, {**grads, "conv_out_k": gk, "conv_out_b": gb}
 
-    got = fast(params)
-    assert float(naive) > 0
-    np.testing.assert_allclose(float(got), float(naive), rtol=1e-5, atol=1e-6)
+    (want_w, want), (got_w, got) = naive(params), fast(params)
+    assert float(want_w) > 0 or factor == 0
+    np.testing.assert_allclose(float(got_w), float(want_w), rtol=1e-5, atol=1e-6)
+    for name in params:
+        scale = float(jnp.abs(want[name]).max())
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)

@@ -75,7 +75,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images
+from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images, sample_photos_dir
 from asymvq_jax.data.masks import example_rng, training_mask
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,9 @@ def make_source(config, *, process_index: int, process_count: int):
         if not path:
             raise ValueError("config.data.path must name an image folder (source='folder')")
         return FolderSource(os.path.expanduser(str(path)))
+    if kind == "bundled_photos":  # the photos that ship inside installed wheels: no download
+        path = os.path.expanduser(str(_get(data, "path") or "~/.cache/asymvq_jax/photos"))
+        return FolderSource(sample_photos_dir(path))
     if kind == "tfds":
         from asymvq_jax.data.tfds import TfdsSource  # noqa: PLC0415 - TF is optional
 
@@ -143,7 +146,7 @@ def make_source(config, *, process_index: int, process_count: int):
             image_key=_get(data, "image_key", "image"),
             shuffle_buffer=int(_get(data, "shuffle_buffer", 10_000)),
         )
-    raise ValueError(f"config.data.source must be 'folder' or 'tfds', got {kind!r}")
+    raise ValueError(f"config.data.source must be 'folder', 'tfds' or 'bundled_photos', got {kind!r}")
 
 
 # ------------------------------------------------------------------------ augmentation

@@ -8,7 +8,6 @@ from asymvq_jax.losses.gan import (
     DISC_WEIGHT,
     KL_WEIGHT,
     PERCEPTUAL_WEIGHT,
-    adaptive_weight,
     adaptive_weight_from_grads,
     conv_out_apply,
     disc_factor,
@@ -17,7 +16,7 @@ from asymvq_jax.losses.gan import (
     hinge_d_loss,
     kl_loss,
     reconstruction_nll,
-    stateless,
+    weighted_head_grads,
     vanilla_d_loss,
 )
 from asymvq_jax.losses.lpips import (
@@ -32,7 +31,7 @@ __all__ = [
     "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "default_weights_path", "load_lpips",
     "NLayerDiscriminator", "TorchBatchNorm",
     "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
-    "adaptive_weight", "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
+    "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
     "generator_loss", "generator_total_loss", "hinge_d_loss", "kl_loss",
-    "reconstruction_nll", "stateless", "vanilla_d_loss",
+    "reconstruction_nll", "vanilla_d_loss", "weighted_head_grads",
 ]

@@ -5,7 +5,7 @@ Generator (decoder) step, as in LDM::
     nll      = reconstruction_nll(x, x_rec, lpips(x, x_rec))         # sum / batch
     kl       = kl_loss(post_mean, post_logvar)                        # sum / batch
     g        = generator_loss(D(x_rec))                                # -mean D(x_rec)
-    d_weight = adaptive_weight(...) * disc_weight                      # stop-gradient
+    d_weight = ||d nll/dW|| / ||d g/dW|| * disc_weight  (W: conv_out)  # stop-gradient
     loss     = nll + 1e-6 * kl + d_weight * disc_factor(step, disc_start) * g
 
 Discriminator step::
@@ -21,7 +21,6 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 DISC_WEIGHT = 0.8
 KL_WEIGHT = 1e-6
@@ -108,21 +107,6 @@ def adaptive_weight_from_grads(nll_grad: jax.Array, g_grad: jax.Array,
     return jax.lax.stop_gradient(w * disc_weight)
 
 
-def stateless(module: nnx.Module) -> Callable[..., jax.Array]:
-    """A pure function calling a *copy* of ``module`` (state updates, e.g. BatchNorm
-    running stats, are discarded).  ``adaptive_weight`` differentiates ``nll_fn``/``g_fn``
-    with an inner ``jax.grad``; NNX refuses to mutate a module's variables from that inner
-    trace, so wrap a train-mode discriminator (or LPIPS) with this:
-    ``g_fn = lambda r: generator_loss(stateless(disc)(r))``.  The ordinary ``D(x_rec)``
-    call of the generator loss still updates the running stats once, as in torch."""
-    graphdef, state = nnx.split(module)
-
-    def call(*args, **kwargs):
-        return nnx.merge(graphdef, state, copy=True)(*args, **kwargs)
-
-    return call
-
-
 def conv_out_apply(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                    padding=None) -> jax.Array:
     """Stride-1 NHWC/HWIO convolution as the decoder's ``conv_out`` (3x3, pad 1 for SD).
@@ -138,48 +122,23 @@ def conv_out_apply(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
     return y
 
 
-def adaptive_weight(
-    nll_fn: Callable[[jax.Array], jax.Array],
-    g_fn: Callable[[jax.Array], jax.Array],
-    h: jax.Array,
-    conv_out_kernel: jax.Array,
-    conv_out_bias: jax.Array | None = None,
-    *,
-    disc_weight: float = DISC_WEIGHT,
-    conv_fn: Callable[..., jax.Array] = conv_out_apply,
-) -> jax.Array:
-    """LDM's adaptive GAN weight with W = the decoder's ``conv_out`` kernel, computed
-    without another backward pass through the decoder.
+def weighted_head_grads(head_vjp: Callable, factor: jax.Array, disc_weight: float = DISC_WEIGHT):
+    """The decoder loss gradient at the decoder head, with the adaptive weight, in one pass.
 
-    Args:
-      nll_fn: ``x_rec -> scalar nll`` (e.g. ``lambda r: reconstruction_nll(x, r, lpips(x, r))``).
-      g_fn: ``x_rec -> scalar generator loss`` (e.g.
-        ``lambda r: generator_loss(stateless(D)(r))``; both functions must be pure, see
-        :func:`stateless`).
-        Anything the decoder does *after* conv_out (e.g. mask compositing) belongs inside
-        these two functions.
-      h: the activations entering ``conv_out`` (from the forward pass; gradients are
-        stopped here).
-      conv_out_kernel, conv_out_bias: the conv_out parameters (HWIO, [C]).
-      conv_fn: ``conv_fn(h, kernel, bias) -> x_rec``; defaults to a stride-1 explicit-pad conv.
-
-    Why this is exact: ``x_rec = conv_out(h; W, b)`` and ``h`` does not depend on W, so
-    ``d nll / d W = (d nll / d x_rec) . (d x_rec / d W)`` only involves the path
-    conv_out -> (LPIPS / D).  Differentiating ``nll_fn(conv_fn(stop_gradient(h), W, b))``
-    w.r.t. W gives the same vector as differentiating the whole decoder; the cost is one
-    backward through LPIPS and one through D from ``x_rec`` plus two weight-gradient
-    convolutions, with no decoder backward.
+    `head_vjp` is the VJP of `(h, W, b) -> (nll, g)`, where h enters the decoder's conv_out
+    (W, b). Pulling back (1, 0) and (0, 1) gives d nll and d g w.r.t. h, W and b: the W parts
+    set the adaptive weight, and the loss gradient is their combination
+    `d nll + d_weight * factor * d g`, so the decoder body is differentiated once, for the
+    total loss, and no term is differentiated twice. Before `disc_start` (factor 0) the
+    discriminator's backward is skipped.
     """
-    h = jax.lax.stop_gradient(h)
-    b = None if conv_out_bias is None else jax.lax.stop_gradient(conv_out_bias)
-    w = jax.lax.stop_gradient(conv_out_kernel)
-
-    def through(fn):
-        return lambda kernel: fn(conv_fn(h, kernel, b))
-
-    nll_grad = jax.grad(through(nll_fn))(w)
-    g_grad = jax.grad(through(g_fn))(w)
-    return adaptive_weight_from_grads(nll_grad, g_grad, disc_weight)
+    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+    nll_grads = head_vjp((one, zero))
+    g_grads = jax.lax.cond(factor > 0, lambda: head_vjp((zero, one)),
+                           lambda: jax.tree.map(jnp.zeros_like, nll_grads))
+    d_weight = jnp.where(factor > 0, adaptive_weight_from_grads(nll_grads[1], g_grads[1], disc_weight), 0.0)
+    coef = (d_weight * factor).astype(jnp.float32)
+    return d_weight, jax.tree.map(lambda a, b: a + (coef * b).astype(a.dtype), nll_grads, g_grads)
 
 
 def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
@@ -192,6 +151,6 @@ def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
 __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
     "hinge_d_loss", "vanilla_d_loss", "generator_loss", "disc_factor",
-    "reconstruction_nll", "kl_loss", "adaptive_weight", "adaptive_weight_from_grads",
-    "conv_out_apply", "generator_total_loss", "stateless",
+    "reconstruction_nll", "kl_loss", "adaptive_weight_from_grads",
+    "conv_out_apply", "generator_total_loss", "weighted_head_grads",
 ]

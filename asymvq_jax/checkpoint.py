@@ -1,0 +1,49 @@
+"""Orbax checkpoints of a training workdir: periodic async saves, keep-last-k, resume.
+
+A workdir holds `checkpoints/<step>/` (the train state and the frozen parameters) and
+`model_config.json` (the `VAEConfig`), which is all an export needs.
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+from asymvq_jax.models import VAEConfig
+
+MODEL_CONFIG = "model_config.json"
+
+
+def manager(workdir: str, *, keep: int = 3, save_every: int | None = None) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every or 1,
+                                           enable_async_checkpointing=True, create=True)
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+
+
+def save(mgr: ocp.CheckpointManager, step: int, ckpt, *, force: bool = False) -> bool:
+    return mgr.save(step, args=ocp.args.StandardSave(ckpt), force=force)
+
+
+def restore(mgr: ocp.CheckpointManager, like, step: int | None = None):
+    """Restores `step` (default: the latest) into the structure and shardings of `like`."""
+    step = mgr.latest_step() if step is None else step
+    if step is None:
+        return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def write_model_config(workdir: str, config: VAEConfig) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, MODEL_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+
+
+def read_model_config(workdir: str) -> VAEConfig:
+    path = os.path.join(workdir, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {MODEL_CONFIG}")
+    with open(path) as f:
+        return VAEConfig(**json.load(f))

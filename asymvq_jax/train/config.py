@@ -1,0 +1,32 @@
+"""The authors' recipe as a ConfigDict; the files in configs/ start from it and change what differs."""
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = ml_collections.ConfigDict({"preset": "asym-base", "overrides": {}})
+    c.init_from = ""                 # any checkpoint from_pretrained reads; "" = from scratch
+    c.pretrained_lr_mult = 0.1       # decoder parameters taken from init_from; the new branch gets 1x
+    c.dtype, c.param_dtype, c.remat = "float32", "float32", False
+
+    c.batch_size = 80                # global: 8 GPUs x 10 in the paper
+    c.image_size = 256
+    c.total_steps = 120_030          # where the released x1.5 weights stopped
+    c.lr = 4.5e-6 * c.batch_size     # the authors scale a base lr by the global batch
+    c.warmup_steps, c.warmup_init_mult, c.end_lr = 5000, 0.01, 1e-6
+    c.ema_decay = 0.0                # 0 = no EMA copy of the decoder
+
+    c.loss = ml_collections.ConfigDict({
+        "perceptual_weight": 1.0, "kl_weight": 1e-6, "disc_weight": 0.8, "disc_factor": 1.0,
+        "disc_start": 50_001, "lpips_weights": ""})   # "" = the default weight file
+    c.disc = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
+
+    c.data = ml_collections.ConfigDict({
+        "source": "tfds", "name": "imagenet2012", "split": "train", "data_dir": None, "path": "",
+        "mask": "thick_256", "all_ones_prob": 0.5})
+
+    c.log_every, c.sample_every = 50, 1000
+    c.checkpoint_every, c.keep_checkpoints = 1000, 3
+    return c

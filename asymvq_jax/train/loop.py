@@ -1,0 +1,136 @@
+"""Decoder training, top to bottom: mesh, models, state, input, step, checkpoints, loop."""
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+
+from asymvq_jax import checkpoint, parallel
+from asymvq_jax.data import batch_for_step, make_train_iterator
+from asymvq_jax.data.masks import example_rng, lama_mask
+from asymvq_jax.train import logs
+from asymvq_jax.train.state import build, count, model_config
+from asymvq_jax.train.step import make_sample_fn, make_train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+class Preempted:
+    """Turns SIGTERM (a TPU preemption) into a flag the loop checks between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM: saving a checkpoint and stopping")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def sample_batch(config, n: int = 4):
+    """Fixed examples for the sample grid, each with a LaMa mask (never all-ones)."""
+    batch = batch_for_step(config, 0, process_index=0, process_count=1)
+    size = config.image_size
+    masks = [lama_mask(example_rng(config.seed, 7, i), size, size, config.data.mask) for i in range(n)]
+    return batch["image"][:n], np.stack(masks).reshape(n, size, size, 1).astype(np.float32)
+
+
+def check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = sorted(k for k, v in metrics.items() if not np.isfinite(v))
+    if bad:
+        raise NonFiniteLossError(f"non-finite {', '.join(bad)} at step {step}; the state was not updated "
+                                 "and the last good checkpoint is kept")
+
+
+def train(config, workdir: str) -> dict[str, float]:
+    """Trains until `config.total_steps` (resuming from `workdir`); returns the last metrics."""
+    # ---- workdir and mesh
+    os.makedirs(workdir, exist_ok=True)
+    logs.quiet_libraries()
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    rep = parallel.replicated(mesh)
+
+    # ---- models, optimizers, train state
+    graphdefs, state, consts, tx, disc_tx = build(config)
+    logging.info("model %s: decoder %.2fM trainable, %.2fM frozen; discriminator %.2fM", config.model.preset,
+                 count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
+                 count(state["disc"]["params"]) / 1e6)
+    checkpoint.write_model_config(workdir, model_config(config))
+    state, consts = jax.device_put((state, consts), rep)
+
+    # ---- checkpoint: resume if the workdir has one
+    mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]})
+    if restored is not None:
+        state, consts["frozen"] = restored["train"], restored["frozen"]
+        logging.info("resumed from %s at step %d", workdir, int(state["step"]))
+    start = int(state["step"])
+
+    # ---- the jitted step (state donated: it is replaced every step)
+    step_fn = jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
+                      in_shardings=(rep, rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
+                      donate_argnums=0)
+    sample_fn = jax.jit(make_sample_fn(graphdefs))
+    grid_images, grid_masks = sample_batch(config)
+
+    # ---- loop
+    writer, progress = logs.MetricWriter(workdir), logs.Progress(start, config.total_steps, config.log_every)
+    preempted, last, pending = Preempted(), {}, None
+    data = make_train_iterator(config, start_step=start)
+    clock = time.perf_counter()
+
+    def flush():
+        nonlocal pending, last, clock
+        if pending is not None:
+            step, metrics = pending
+            scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            check_finite(step, scalars)
+            now = time.perf_counter()
+            scalars["img/s"] = config.batch_size / max(now - clock, 1e-9)
+            clock, pending, last = now, None, scalars
+            if step % config.log_every == 0 or step == config.total_steps:
+                writer.write(step, scalars)
+            progress.update(step, scalars)
+
+    try:
+        for step in range(start + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
+            flush()  # the previous step's metrics, read while this step runs
+            pending = (step, metrics)
+            stop = preempted.requested
+            if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
+                flush()  # never save or show a step whose losses were not checked
+            if step % config.sample_every == 0 or step == config.total_steps:
+                write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks)
+            checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
+                            force=stop or step == config.total_steps)
+            if stop:
+                break
+        flush()
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+        data.close()
+        writer.close()
+        progress.close()
+        preempted.restore()
+    return last
+
+
+def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> None:
+    """input | masked input | plain decode | mask-guided decode."""
+    if jax.process_index() != 0:
+        return
+    params = state.get("ema", state["params"])
+    plain, guided = sample_fn(params, consts, images, masks)
+    masked = images * (1 - masks) + masks * -1.0  # holes shown black
+    logs.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])

@@ -1,0 +1,99 @@
+"""The jitted train step: one decoder forward feeds both the decoder and discriminator updates."""
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from asymvq_jax.losses import gan
+from asymvq_jax.train.state import merge_vae
+
+
+def apply_disc(graphdef, params, stats, images):
+    """Runs the discriminator in train mode (batch statistics); returns logits and new stats."""
+    disc = nnx.merge(graphdef, params, stats)
+    logits = disc(images)
+    return logits, nnx.to_pure_dict(nnx.state(disc, nnx.Not(nnx.Param)))
+
+
+def known_region_mse(x, x_rec, mask):
+    """SPEC's pre_error: squared error on the pixels the mask keeps (mask 0), per known pixel."""
+    keep = 1.0 - mask
+    return jnp.sum(keep * (x - x_rec) ** 2) / jnp.maximum(jnp.sum(keep) * x.shape[-1], 1.0)
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def make_train_step(config, graphdefs, tx, disc_tx):
+    loss_cfg = config.loss
+    base_key = jax.random.key(config.seed)
+
+    def train_step(state, consts, batch):
+        step, x, mask = state["step"], batch["image"], batch["mask"]
+        lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
+        d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
+        factor = gan.disc_factor(step, loss_cfg.disc_start, loss_cfg.disc_factor)
+
+        vae = merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
+        post = vae.encode(x)
+        z = jax.lax.stop_gradient(post.sample(jax.random.fold_in(base_key, step)))
+        kl = gan.kl_loss(post.mean, post.logvar)  # constant (encoder frozen); logged as in the recipe
+
+        def body(params):  # the decoder up to conv_out
+            return merge_vae(graphdefs["vae"], params, consts["frozen"]).decoder_features(z, x, mask)
+
+        def head(h, kernel, bias):  # conv_out, then the two loss terms that drive the decoder
+            x_rec = gan.conv_out_apply(h, kernel, bias)
+            nll = gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec))
+            g = gan.generator_loss(apply_disc(graphdefs["disc"], d_params, d_stats, x_rec)[0])
+            return (nll, g), x_rec
+
+        params = state["params"]
+        h, body_vjp = jax.vjp(body, params)
+        (nll, g), head_vjp, x_rec = jax.vjp(head, h, params["conv_out"]["kernel"], params["conv_out"]["bias"],
+                                            has_aux=True)
+        d_weight, head_grads = gan.weighted_head_grads(head_vjp, factor, loss_cfg.disc_weight)
+        grads = body_vjp(head_grads[0])[0]
+        grads["conv_out"] = {"kernel": head_grads[1], "bias": head_grads[2]}
+        loss = gan.generator_total_loss(nll, kl, g, d_weight, factor, loss_cfg.kl_weight)
+        aux = {"nll": nll, "g_loss": g, "d_weight": d_weight}
+
+        def disc_loss(d_params):
+            # Separate calls on real and fake, as the authors' loop does: per-call batch statistics.
+            real, stats = apply_disc(graphdefs["disc"], d_params, d_stats, x)
+            fake, stats = apply_disc(graphdefs["disc"], d_params, stats, x_rec)
+            return factor * gan.hinge_d_loss(real, fake), (stats, jnp.mean(real), jnp.mean(fake))
+
+        (d_loss, (new_stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
+
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        d_updates, disc_opt = disc_tx.update(d_grads, state["disc_opt"], d_params)
+        new = {"step": step + 1, "params": params, "opt": opt,
+               "disc": {"params": optax.apply_updates(d_params, d_updates), "stats": new_stats},
+               "disc_opt": disc_opt}
+        if "ema" in state:
+            new["ema"] = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
+
+        metrics = {"loss": loss, "kl": kl, "d_loss": d_loss, "disc_factor": factor, "logits_real": real,
+                   "logits_fake": fake, "l1": jnp.mean(jnp.abs(x - x_rec)),
+                   "known_mse": known_region_mse(x, x_rec, mask), **aux}
+        # A non-finite step leaves the state as it was; the host stops the run on seeing it.
+        ok = all_finite((metrics, grads, d_grads))
+        new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {**state, "step": step + 1})
+        return new, metrics
+
+    return train_step
+
+
+def make_sample_fn(graphdefs):
+    """Plain and mask-guided decodes of the posterior mode, for the sample grid."""
+
+    def sample(params, consts, x, mask):
+        vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
+        z = vae.encode(x).mode()
+        return vae.decode(z), vae.decode(z, x, mask)
+
+    return sample
