@@ -3,6 +3,7 @@
 
   python convert_weights.py import SRC DST [--allow-pickle]
   python convert_weights.py export SRC DST --format diffusers|ldm|asymvq [--allow-pickle] [--fp16]
+  python convert_weights.py export WORKDIR DST --format diffusers [--step N] [--raw]
 """
 
 import argparse
@@ -19,6 +20,8 @@ formats read (SRC, detected from files, keys and shapes):
               the unused decoder.up_layers.* and loss.* are dropped (and reported)
   asymvq      ours: folder with asymvq_config.json + params.safetensors (Flax paths, Flax layout),
               or that .safetensors alone (config in its metadata)
+  workdir     a train.py workdir: its latest checkpoint (or --step N), EMA weights when the run
+              kept them (or --raw for the trained weights themselves)
 
 formats written (DST):
   asymvq      (import) the folder above; DST ending in .safetensors writes the single file
@@ -44,6 +47,8 @@ def main(argv=None) -> int:
                         help="allow .ckpt/.bin pickles (only for files you trust)")
     common.add_argument("--fp16", action="store_true", help="write float16 weights")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument("--step", type=int, default=None, help="workdir SRC: the checkpoint step (default latest)")
+    common.add_argument("--raw", action="store_true", help="workdir SRC: the raw weights even if EMA was kept")
     sub.add_parser("import", parents=[common], help="any checkpoint -> asymvq (ours)",
                    epilog=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp = sub.add_parser("export", parents=[common], help="any checkpoint -> diffusers / ldm / asymvq",
@@ -51,15 +56,20 @@ def main(argv=None) -> int:
     exp.add_argument("--format", required=True, choices=("diffusers", "ldm", "asymvq"), help="output format")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    logging.getLogger("jax").setLevel(logging.WARNING)
+    for noisy in ("jax", "absl"):  # absl: orbax's step-by-step restore messages
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from asymvq_jax.convert import ConvertError, resolve_source, save_pretrained
+    from asymvq_jax import checkpoint
+    from asymvq_jax.convert import from_pretrained, save_pretrained
 
     fmt = "asymvq" if args.command == "import" else args.format
     try:
-        vae = resolve_source(args.src, allow_pickle=args.allow_pickle)
+        if checkpoint.is_workdir(args.src):
+            vae = checkpoint.load_model(args.src, step=args.step, ema=not args.raw)
+        else:
+            vae = from_pretrained(args.src, allow_pickle=args.allow_pickle)
         out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None)
-    except (ConvertError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # the converter raises ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     logging.info("wrote %s (%s)", out, fmt)

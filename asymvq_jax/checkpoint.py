@@ -35,6 +35,31 @@ def restore(mgr: ocp.CheckpointManager, like, step: int | None = None):
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
+def is_workdir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+
+
+def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
+    """The autoencoder of a training workdir at `step` (default: latest), EMA weights if kept."""
+    from asymvq_jax.convert import build_model
+    from asymvq_jax.convert.keys import str_to_path
+    mgr = manager(workdir)
+    step = mgr.latest_step() if step is None else step
+    if step is None or step not in mgr.all_steps():
+        raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
+    saved = mgr.restore(step, args=ocp.args.StandardRestore())
+    mgr.close()
+    decoder = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
+    flat = {**flatten({"decoder": decoder}), **flatten(saved["frozen"])}
+    return build_model(read_model_config(workdir), {str_to_path(k): v for k, v in flat.items()})
+
+
+def flatten(tree) -> dict[str, object]:
+    """{'a.b.0.c': leaf} for a nested dict (list indices come back from orbax as strings)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+
+
 def write_model_config(workdir: str, config: VAEConfig) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, MODEL_CONFIG), "w") as f:

@@ -7,16 +7,16 @@ The key rule lives in `keys`, file reading in `readers`, the formats in `writers
 there), the model glue in `api`.
 """
 
-from .api import (SOURCE_RESOLVERS, build_model, diffusers_to_flax_params, flax_params_to_diffusers,
-                  from_pretrained, model_params, resolve_source, save_pretrained)
+from .api import (build_model, diffusers_to_flax_params, flax_params_to_diffusers,
+                  from_pretrained, model_params, save_pretrained)
 from .errors import (ConvertError, CorruptFileError, KeyMismatchError, PickleNotAllowedError,
                      ShapeMismatchError, UnknownFormatError)
 from .readers import Checkpoint, detect_layout, infer_config, match_preset, read_checkpoint
 from .writers import FORMATS
 
 __all__ = [
-    "SOURCE_RESOLVERS", "build_model", "diffusers_to_flax_params", "flax_params_to_diffusers",
-    "from_pretrained", "model_params", "resolve_source", "save_pretrained",
+    "build_model", "diffusers_to_flax_params", "flax_params_to_diffusers",
+    "from_pretrained", "model_params", "save_pretrained",
     "ConvertError", "CorruptFileError", "KeyMismatchError", "PickleNotAllowedError",
     "ShapeMismatchError", "UnknownFormatError",
     "Checkpoint", "detect_layout", "infer_config", "match_preset", "read_checkpoint", "FORMATS",

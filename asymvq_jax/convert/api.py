@@ -179,25 +179,3 @@ def save_pretrained(vae, out: str | os.PathLike, format: str = "diffusers", *, d
     if format == "diffusers":
         return writers.write_diffusers(out, tensors, cfg)
     return writers.write_ldm(out, tensors, cfg)
-
-
-# Resolvers turn a CLI source into a model. The training code can insert one that recognises a
-# training workdir (e.g. `SOURCE_RESOLVERS.insert(0, workdir_resolver)`); a resolver returns
-# None when the source is not its kind.
-SourceResolver = Callable[[str, bool], Any]
-
-
-def _checkpoint_resolver(src: str, allow_pickle: bool):
-    return from_pretrained(src, allow_pickle=allow_pickle)
-
-
-SOURCE_RESOLVERS: list[SourceResolver] = [_checkpoint_resolver]
-
-
-def resolve_source(src: str, *, allow_pickle: bool = False):
-    """The model a CLI `SRC` names: the first resolver that recognises it wins."""
-    for resolver in SOURCE_RESOLVERS:
-        model = resolver(src, allow_pickle)
-        if model is not None:
-            return model
-    raise ValueError(f"{src}: no resolver recognised this source")

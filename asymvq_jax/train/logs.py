@@ -11,14 +11,8 @@ from PIL import Image
 
 
 def quiet_libraries() -> None:
-    """Orbax logs every save step by step at INFO; keep its warnings only."""
-
-    class DropOrbaxInfo(logging.Filter):
-        def filter(self, record):
-            return record.levelno >= logging.WARNING or "orbax" not in record.pathname
-
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(DropOrbaxInfo())
+    """Orbax reports every save step by step through absl's logger at INFO; keep its warnings."""
+    logging.getLogger("absl").setLevel(logging.WARNING)
 
 
 class MetricWriter:

@@ -1,5 +1,6 @@
 """Decoder training, top to bottom: mesh, models, state, input, step, checkpoints, loop."""
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,7 +39,7 @@ class Preempted:
 def sample_batch(config, n: int = 4):
     """Fixed examples for the sample grid, each with a LaMa mask (never all-ones)."""
     batch = batch_for_step(config, 0, process_index=0, process_count=1)
-    size = config.image_size
+    size, n = config.image_size, min(n, len(batch["image"]))
     masks = [lama_mask(example_rng(config.seed, 7, i), size, size, config.data.mask) for i in range(n)]
     return batch["image"][:n], np.stack(masks).reshape(n, size, size, 1).astype(np.float32)
 
@@ -52,6 +53,11 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
 
 def train(config, workdir: str) -> dict[str, float]:
     """Trains until `config.total_steps` (resuming from `workdir`); returns the last metrics."""
+    with contextlib.ExitStack() as cleanup:
+        return _train(config, workdir, cleanup)
+
+
+def _train(config, workdir, cleanup) -> dict[str, float]:
     # ---- workdir and mesh
     os.makedirs(workdir, exist_ok=True)
     logs.quiet_libraries()
@@ -59,21 +65,24 @@ def train(config, workdir: str) -> dict[str, float]:
     parallel.check_batch_size(config.batch_size, mesh)
     rep = parallel.replicated(mesh)
 
-    # ---- models, optimizers, train state
+    # ---- input first: a missing or empty dataset fails before anything is built
+    mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
+    cleanup.callback(mgr.close)
+    cleanup.callback(mgr.wait_until_finished)  # runs first: a pending async save completes
+    start = mgr.latest_step() or 0
+    data = cleanup.enter_context(make_train_iterator(config, start_step=start))
+
+    # ---- models, optimizers, train state; resumed if the workdir has a checkpoint
     graphdefs, state, consts, tx, disc_tx = build(config)
     logging.info("model %s: decoder %.2fM trainable, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
     checkpoint.write_model_config(workdir, model_config(config))
     state, consts = jax.device_put((state, consts), rep)
-
-    # ---- checkpoint: resume if the workdir has one
-    mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
-    restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]})
-    if restored is not None:
+    if start:
+        restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]}, start)
         state, consts["frozen"] = restored["train"], restored["frozen"]
-        logging.info("resumed from %s at step %d", workdir, int(state["step"]))
-    start = int(state["step"])
+        logging.info("resumed from %s at step %d", workdir, start)
 
     # ---- the jitted step (state donated: it is replaced every step)
     step_fn = jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
@@ -83,10 +92,13 @@ def train(config, workdir: str) -> dict[str, float]:
     grid_images, grid_masks = sample_batch(config)
 
     # ---- loop
-    writer, progress = logs.MetricWriter(workdir), logs.Progress(start, config.total_steps, config.log_every)
-    preempted, last, pending = Preempted(), {}, None
-    data = make_train_iterator(config, start_step=start)
-    clock = time.perf_counter()
+    writer = logs.MetricWriter(workdir)
+    cleanup.callback(writer.close)
+    progress = logs.Progress(start, config.total_steps, config.log_every)
+    cleanup.callback(progress.close)
+    preempted = Preempted()
+    cleanup.callback(preempted.restore)
+    last, pending, clock = {}, None, time.perf_counter()
 
     def flush():
         nonlocal pending, last, clock
@@ -101,28 +113,20 @@ def train(config, workdir: str) -> dict[str, float]:
                 writer.write(step, scalars)
             progress.update(step, scalars)
 
-    try:
-        for step in range(start + 1, config.total_steps + 1):
-            state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
-            flush()  # the previous step's metrics, read while this step runs
-            pending = (step, metrics)
-            stop = preempted.requested
-            if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
-                flush()  # never save or show a step whose losses were not checked
-            if step % config.sample_every == 0 or step == config.total_steps:
-                write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks)
-            checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
-                            force=stop or step == config.total_steps)
-            if stop:
-                break
-        flush()
-    finally:
-        mgr.wait_until_finished()
-        mgr.close()
-        data.close()
-        writer.close()
-        progress.close()
-        preempted.restore()
+    for step in range(start + 1, config.total_steps + 1):
+        state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
+        flush()  # the previous step's metrics, read while this step runs
+        pending = (step, metrics)
+        stop = preempted.requested
+        if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
+            flush()  # never save or show a step whose losses were not checked
+        if step % config.sample_every == 0 or step == config.total_steps:
+            write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks)
+        checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
+                        force=stop or step == config.total_steps)
+        if stop:
+            break
+    flush()
     return last
 
 

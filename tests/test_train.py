@@ -1,0 +1,147 @@
+"""Training end to end on a tiny decoder: learning, frozen encoder, GAN schedule, resume, SIGTERM."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from asymvq_jax import checkpoint
+from asymvq_jax.data import batch_for_step, sample_photos_dir
+from asymvq_jax.losses.lpips import expected_shapes
+from asymvq_jax.train.loop import NonFiniteLossError, train
+from asymvq_jax.train.state import build
+from tests import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """Real photos and a random-weight LPIPS file (the real one needs a download)."""
+    root = tmp_path_factory.mktemp("assets")
+    rng = np.random.default_rng(0)
+    lpips = {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
+                 np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
+    save_file(lpips, str(root / "lpips.safetensors"))
+    return {"photos": sample_photos_dir(root / "photos"), "lpips": str(root / "lpips.safetensors")}
+
+
+def config(assets, **changes):
+    c = tiny_config.get_config()
+    c.data.path, c.loss.lpips_weights = assets["photos"], assets["lpips"]
+    for key, value in changes.items():
+        node = c
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return c
+
+
+def losses(workdir) -> dict[int, dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(assets, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    train(config(assets), workdir)
+    return workdir
+
+
+def test_reconstruction_error_falls(assets, uninterrupted):
+    """Per-step losses swing with the batch; a fixed batch of 8 shows the trend."""
+    c = config(assets, batch_size=8)
+    batch = batch_for_step(c, 100, process_index=0, process_count=1)
+    x, mask = jnp.asarray(batch["image"]), jnp.asarray(batch["mask"])
+
+    def l1(step):
+        vae = checkpoint.load_model(uninterrupted, step=step)
+        z = vae.encode(x).mode()
+        return float(jnp.abs(vae.decode(z, x, mask) - x).mean()), float(jnp.abs(vae.decode(z) - x).mean())
+
+    (guided_1, plain_1), (guided_6, plain_6) = l1(1), l1(6)
+    assert guided_6 < 0.9 * guided_1 and plain_6 < 0.9 * plain_1, (guided_1, guided_6, plain_1, plain_6)
+
+
+def test_gan_switches_on_at_disc_start(uninterrupted):
+    m = losses(uninterrupted)
+    assert sorted(m) == [1, 2, 3, 4, 5, 6]
+    # Logged step s is the update made at global step s - 1 (0-based, as Lightning counts):
+    # with disc_start=4 the GAN terms are off for logged steps 1-4 and on from 5.
+    for step in (1, 2, 3, 4):
+        assert m[step]["disc_factor"] == 0 and m[step]["d_loss"] == 0 and m[step]["d_weight"] == 0
+    for step in (5, 6):
+        assert m[step]["disc_factor"] == 1 and m[step]["d_loss"] > 0 and m[step]["d_weight"] > 0
+
+
+def test_encoder_is_bit_identical_after_training(assets, uninterrupted):
+    _, _, consts, _, _ = build(config(assets))
+    trained = checkpoint.load_model(uninterrupted, step=6)
+    fresh = checkpoint.flatten(consts["frozen"])
+    saved = checkpoint.flatten(jax.tree.map(np.asarray, {
+        "encoder": _pure(trained.encoder), "quant_conv": _pure(trained.quant_conv),
+        "post_quant_conv": _pure(trained.post_quant_conv)}))
+    assert fresh.keys() == saved.keys() and len(fresh) > 10
+    for k in fresh:
+        np.testing.assert_array_equal(saved[k], fresh[k], err_msg=k)
+
+
+def _pure(module):
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def test_samples_and_event_files_are_written(uninterrupted):
+    assert os.path.exists(os.path.join(uninterrupted, "samples", "step_0000003.png"))
+    assert any(f.startswith("events.") for f in os.listdir(os.path.join(uninterrupted, "tensorboard")))
+
+
+def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(assets, uninterrupted, tmp_path):
+    workdir = str(tmp_path / "killed")
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={workdir}",
+           "--config.total_steps=10000", f"--config.data.path={assets['photos']}",
+           f"--config.loss.lpips_weights={assets['lpips']}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.time() < deadline, "the training subprocess made no progress"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = checkpoint.manager(workdir).latest_step()
+    assert 2 <= stopped < 6, f"stopped at {stopped}"
+
+    train(config(assets), workdir)  # resumes at `stopped`, runs to step 6
+    want, got = losses(uninterrupted), losses(workdir)
+    for step in range(stopped + 1, 7):
+        for term in ("loss", "nll", "d_loss", "known_mse"):
+            assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, uninterrupted, tmp_path):
+    workdir = str(tmp_path / "nan")
+    train(config(assets, total_steps=2), workdir)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite .*nll.* at step 3"):
+        train(config(assets, **{"loss.perceptual_weight": float("nan")}), workdir)
+    assert checkpoint.manager(workdir).latest_step() == 2
+    checkpoint.load_model(workdir)  # still restorable
+
+
+def test_missing_dataset_fails_at_start_up(assets, tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
+        train(config(assets, **{"data.path": str(tmp_path / "nowhere")}), str(tmp_path / "w"))
+    assert not os.path.exists(tmp_path / "w" / "checkpoints" / "1")
