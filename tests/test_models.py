@@ -138,3 +138,27 @@ def test_parameter_counts_match_paper(name, main, branch):
 @pytest.mark.parametrize("name", ["sd", "asym-x1.5", "asym-x2"])
 def test_full_preset_parity(name):
     check_parity(preset(name), 16, batch=1, masked=name != "sd")
+
+
+def test_remat_keeps_values_and_gradients():
+    x, mask, z = inputs(1, 32)
+    plain = AutoencoderKL(SMALL_ASYM, rngs=nnx.Rngs(3))
+    remat = AutoencoderKL(SMALL_ASYM, rngs=nnx.Rngs(3), remat=True)
+
+    def grads(model):
+        return nnx.grad(lambda m: jnp.mean(m.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask)) ** 2))(model)
+
+    for a, b in zip(jax.tree.leaves(grads(plain)), jax.tree.leaves(grads(remat))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    x, mask, z = inputs(2, 32)
+    f32 = AutoencoderKL(SMALL_ASYM, rngs=nnx.Rngs(4))
+    bf16 = AutoencoderKL(SMALL_ASYM, rngs=nnx.Rngs(4), dtype=jnp.bfloat16)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(bf16, nnx.Param)))
+    ref = f32.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask))
+    out = bf16.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask))
+    assert out.dtype == jnp.bfloat16
+    err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
+    assert 0 < err < 0.1 * float(jnp.max(jnp.abs(ref))), err

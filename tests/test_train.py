@@ -145,3 +145,44 @@ def test_missing_dataset_fails_at_start_up(assets, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
         train(config(assets, **{"data.path": str(tmp_path / "nowhere")}), str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w" / "checkpoints" / "1")
+
+
+def test_export_of_a_workdir_loads_in_diffusers(uninterrupted, tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    import convert_weights
+    for ema in (True, False):
+        out = str(tmp_path / f"ema{ema}")
+        assert convert_weights.main(["export", uninterrupted, out, "--format", "diffusers", "--step", "4"]
+                                    + ([] if ema else ["--raw"])) == 0
+        model, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(out, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+    ema, raw = (checkpoint.load_model(uninterrupted, step=4, ema=e) for e in (True, False))
+    conv_ema, conv_raw = ema.decoder.conv_out.kernel[...], raw.decoder.conv_out.kernel[...]
+    assert not np.allclose(conv_ema, conv_raw)  # EMA kept separately from the trained weights
+    np.testing.assert_array_equal(ema.encoder.conv_in.kernel[...], raw.encoder.conv_in.kernel[...])
+
+
+def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp_path):
+    """The base recipe: decoder from an SD VAE at 0.1x lr, the new branch at 1x."""
+    from flax import nnx
+
+    from asymvq_jax import save_pretrained
+    from asymvq_jax.models import AutoencoderKL
+    from asymvq_jax.train.state import decoder_optimizer, init_vae, model_config
+
+    c = config(assets)
+    sd = AutoencoderKL(model_config(c).replace(asymmetric=False), rngs=nnx.Rngs(42))
+    c.init_from = save_pretrained(sd, str(tmp_path / "sd"), format="diffusers")
+    vae, pretrained = init_vae(c)
+    np.testing.assert_array_equal(vae.encoder.conv_in.kernel[...], sd.encoder.conv_in.kernel[...])
+    np.testing.assert_array_equal(vae.decoder.up_blocks[1].resnets[0].conv1.kernel[...],
+                                  sd.decoder.up_blocks[1].resnets[0].conv1.kernel[...])
+    assert "decoder.conv_out.kernel" in pretrained
+    assert not any("condition_encoder" in p for p in pretrained)
+
+    params = nnx.to_pure_dict(nnx.state(vae.decoder, nnx.Param))
+    tx = decoder_optimizer(c, pretrained)
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    step_of = lambda tree: float(jnp.abs(tree["kernel"]).max())  # noqa: E731
+    ratio = step_of(updates["conv_out"]) / step_of(updates["condition_encoder"]["layers"][0])
+    assert ratio == pytest.approx(c.pretrained_lr_mult, rel=1e-4)

@@ -16,5 +16,6 @@ def get_config(arg=None):
     # A constant learning rate, so a run's losses do not depend on where total_steps ends.
     c.lr, c.warmup_steps, c.warmup_init_mult, c.end_lr = 1e-3, 1, 1.0, 1e-3
     c.disc.ndf = 8
+    c.ema_decay = 0.5
     c.log_every, c.sample_every, c.checkpoint_every, c.keep_checkpoints = 1, 3, 2, 5
     return c

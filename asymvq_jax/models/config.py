@@ -38,57 +38,44 @@ class VAEConfig:
 
     # -- diffusers config.json --------------------------------------------------------------
 
-    @property
-    def diffusers_class(self) -> str:
-        return "AsymmetricAutoencoderKL" if self.asymmetric else "AutoencoderKL"
-
     def to_diffusers_config(self) -> dict[str, Any]:
-        common = dict(in_channels=self.in_channels, out_channels=self.out_channels, act_fn="silu",
-                                    latent_channels=self.latent_channels, norm_num_groups=self.norm_num_groups,
-                                    sample_size=256, scaling_factor=self.scaling_factor)
+        down, up = self.down_block_out_channels, self.up_block_out_channels
+        out = {"in_channels": self.in_channels, "out_channels": self.out_channels, "act_fn": "silu",
+               "latent_channels": self.latent_channels, "norm_num_groups": self.norm_num_groups,
+               "sample_size": 256, "scaling_factor": self.scaling_factor,
+               "down_block_types": ["DownEncoderBlock2D"] * len(down),
+               "up_block_types": ["UpDecoderBlock2D"] * len(up)}
         if self.asymmetric:
-            return {"_class_name": "AsymmetricAutoencoderKL", **common,
-                            "down_block_types": ["DownEncoderBlock2D"] * len(self.down_block_out_channels),
-                            "down_block_out_channels": list(self.down_block_out_channels),
-                            "layers_per_down_block": self.layers_per_down_block,
-                            "up_block_types": ["UpDecoderBlock2D"] * len(self.up_block_out_channels),
-                            "up_block_out_channels": list(self.up_block_out_channels),
-                            "layers_per_up_block": self.layers_per_up_block}
-        if (self.down_block_out_channels != self.up_block_out_channels
-                or self.layers_per_down_block != self.layers_per_up_block):
-            raise ValueError("diffusers' AutoencoderKL has one block_out_channels/layers_per_block for both halves; "
-                                              f"this config differs: {self}")
-        return {"_class_name": "AutoencoderKL", **common,
-                        "down_block_types": ["DownEncoderBlock2D"] * len(self.down_block_out_channels),
-                        "up_block_types": ["UpDecoderBlock2D"] * len(self.up_block_out_channels),
-                        "block_out_channels": list(self.down_block_out_channels),
-                        "layers_per_block": self.layers_per_down_block,
-                        "shift_factor": self.shift_factor}
+            return {"_class_name": "AsymmetricAutoencoderKL", **out,
+                    "down_block_out_channels": list(down), "layers_per_down_block": self.layers_per_down_block,
+                    "up_block_out_channels": list(up), "layers_per_up_block": self.layers_per_up_block}
+        if down != up or self.layers_per_down_block != self.layers_per_up_block:
+            raise ValueError("diffusers' AutoencoderKL has one block_out_channels/layers_per_block for both "
+                             f"halves; this config differs: {self}")
+        return {"_class_name": "AutoencoderKL", **out, "block_out_channels": list(down),
+                "layers_per_block": self.layers_per_down_block, "shift_factor": self.shift_factor}
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict[str, Any]) -> "VAEConfig":
         kind = cfg.get("_class_name")
         if kind not in ("AsymmetricAutoencoderKL", "AutoencoderKL"):
             raise ValueError(f"config.json _class_name={kind!r}: expected AutoencoderKL or AsymmetricAutoencoderKL")
-        act = cfg.get("act_fn", "silu")
-        if act != "silu":
-            raise ValueError(f"config.json act_fn={act!r}: only 'silu' is supported")
-        common = dict(in_channels=cfg.get("in_channels", 3), out_channels=cfg.get("out_channels", 3),
-                                    latent_channels=cfg.get("latent_channels", 4), norm_num_groups=cfg.get("norm_num_groups", 32),
-                                    scaling_factor=cfg.get("scaling_factor", 0.18215), shift_factor=cfg.get("shift_factor"))
+        if cfg.get("act_fn", "silu") != "silu":
+            raise ValueError(f"config.json act_fn={cfg['act_fn']!r}: only 'silu' is supported")
+        common = {"in_channels": cfg.get("in_channels", 3), "out_channels": cfg.get("out_channels", 3),
+                  "latent_channels": cfg.get("latent_channels", 4), "norm_num_groups": cfg.get("norm_num_groups", 32),
+                  "scaling_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor")}
         if kind == "AsymmetricAutoencoderKL":
-            return cls(**common, asymmetric=True,
-                                  down_block_out_channels=tuple(cfg["down_block_out_channels"]),
-                                  layers_per_down_block=cfg.get("layers_per_down_block", 1),
-                                  up_block_out_channels=tuple(cfg["up_block_out_channels"]),
-                                  layers_per_up_block=cfg.get("layers_per_up_block", 1))
+            return cls(**common, asymmetric=True, down_block_out_channels=tuple(cfg["down_block_out_channels"]),
+                       layers_per_down_block=cfg.get("layers_per_down_block", 1),
+                       up_block_out_channels=tuple(cfg["up_block_out_channels"]),
+                       layers_per_up_block=cfg.get("layers_per_up_block", 1))
         for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             if cfg.get(flag, True) is False:
                 raise ValueError(f"config.json {flag}=false is not supported")
-        channels = tuple(cfg.get("block_out_channels", (64,)))
-        layers = cfg.get("layers_per_block", 1)
+        channels, layers = tuple(cfg.get("block_out_channels", (64,))), cfg.get("layers_per_block", 1)
         return cls(**common, asymmetric=False, down_block_out_channels=channels, layers_per_down_block=layers,
-                              up_block_out_channels=channels, layers_per_up_block=layers)
+                   up_block_out_channels=channels, layers_per_up_block=layers)
 
 
 _SD = VAEConfig(asymmetric=False)

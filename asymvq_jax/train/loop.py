@@ -14,7 +14,7 @@ from asymvq_jax.data import batch_for_step, make_train_iterator
 from asymvq_jax.data.masks import example_rng, lama_mask
 from asymvq_jax.train import logs
 from asymvq_jax.train.state import build, count, model_config
-from asymvq_jax.train.step import make_sample_fn, make_train_step
+from asymvq_jax.train.step import known_region_mse, make_sample_fn, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -121,7 +121,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
             flush()  # never save or show a step whose losses were not checked
         if step % config.sample_every == 0 or step == config.total_steps:
-            write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks)
+            writer.write(step, write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks))
         checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
                         force=stop or step == config.total_steps)
         if stop:
@@ -130,11 +130,13 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     return last
 
 
-def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> None:
-    """input | masked input | plain decode | mask-guided decode."""
-    if jax.process_index() != 0:
-        return
+def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:
+    """Saves input | masked input | plain decode | mask-guided decode (host 0), and returns the
+    error on the known region of both decodes: what the branch is for."""
     params = state.get("ema", state["params"])
-    plain, guided = sample_fn(params, consts, images, masks)
-    masked = images * (1 - masks) + masks * -1.0  # holes shown black
-    logs.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
+    plain, guided = jax.device_get(sample_fn(params, consts, images, masks))
+    if jax.process_index() == 0:
+        masked = images * (1 - masks) + masks * -1.0  # holes shown black
+        logs.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
+    return {f"samples/known_mse_{name}": float(known_region_mse(images, out, masks))
+            for name, out in (("plain", plain), ("guided", guided))}
