@@ -4,6 +4,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -26,14 +27,17 @@ class Preempted:
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        # Python only lets the main thread install handlers; elsewhere SIGTERM keeps its default.
+        self.previous = signal.signal(signal.SIGTERM, self._handle) if in_main_thread else None
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def sample_batch(config, n: int = 4):
