@@ -48,8 +48,12 @@ def config(assets, **changes):
 
 
 def losses(workdir) -> dict[int, dict]:
+    """Everything logged per step (train metrics and sample metrics are separate records)."""
+    merged = {}
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return {r["step"]: r for r in map(json.loads, f)}
+        for record in map(json.loads, f):
+            merged.setdefault(record["step"], {}).update(record)
+    return merged
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +109,8 @@ def _pure(module):
 def test_samples_and_event_files_are_written(uninterrupted):
     assert os.path.exists(os.path.join(uninterrupted, "samples", "step_0000003.png"))
     assert any(f.startswith("events.") for f in os.listdir(os.path.join(uninterrupted, "tensorboard")))
+    logged = losses(uninterrupted)[3]
+    assert np.isfinite(logged["samples/known_mse_plain"]) and np.isfinite(logged["samples/known_mse_guided"])
 
 
 def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(assets, uninterrupted, tmp_path):
