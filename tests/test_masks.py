@@ -5,7 +5,6 @@ import pytest
 
 from asymvq_jax.data.masks import (
     MASK_VARIANTS,
-    batch_masks,
     box_mask,
     example_rng,
     irregular_mask,
@@ -52,8 +51,6 @@ def test_reproducible_and_seed_dependent():
     np.testing.assert_array_equal(a, b)
     ms = [lama_mask(example_rng(7, 3, k), 256, 256).tobytes() for k in range(20)]
     assert len(set(ms)) == 20
-    keys = [(1, 2, j) for j in range(6)]
-    np.testing.assert_array_equal(batch_masks(keys, 64, 64), batch_masks(keys, 64, 64))
 
 
 def test_all_ones_rule_frequency():

@@ -14,7 +14,6 @@ from asymvq_jax.data.folder import (
 from asymvq_jax.data.masks import (
     MASK_VARIANTS,
     MaskParams,
-    batch_masks,
     example_rng,
     lama_mask,
     training_mask,
@@ -36,7 +35,6 @@ __all__ = [
     "sample_photos_dir",
     "MASK_VARIANTS",
     "MaskParams",
-    "batch_masks",
     "example_rng",
     "lama_mask",
     "training_mask",

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -52,7 +51,6 @@ __all__ = [
     "box_mask",
     "lama_mask",
     "training_mask",
-    "batch_masks",
 ]
 
 
@@ -191,19 +189,3 @@ def training_mask(
     if rng.random() < all_ones_prob:
         return np.ones((height, width, 1), np.float32)
     return lama_mask(rng, height, width, variant)
-
-
-def batch_masks(
-    keys: Sequence[Sequence[int]],
-    height: int,
-    width: int,
-    variant: str | MaskParams = "thick_256",
-    all_ones_prob: float = 0.5,
-) -> np.ndarray:
-    """Masks ``[len(keys), H, W, 1]``, mask ``i`` drawn from ``example_rng(*keys[i])``."""
-    return np.stack(
-        [
-            training_mask(example_rng(*k), height, width, variant, all_ones_prob)
-            for k in keys
-        ]
-    )

@@ -17,21 +17,19 @@ from asymvq_jax.losses.gan import (
     kl_loss,
     reconstruction_nll,
     weighted_head_grads,
-    vanilla_d_loss,
 )
 from asymvq_jax.losses.lpips import (
     LPIPS,
     LPIPSWeight,
     LPIPSWeightsError,
     default_weights_path,
-    load_lpips,
 )
 
 __all__ = [
-    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "default_weights_path", "load_lpips",
+    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "default_weights_path",
     "NLayerDiscriminator", "TorchBatchNorm",
     "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
     "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
     "generator_loss", "generator_total_loss", "hinge_d_loss", "kl_loss",
-    "reconstruction_nll", "vanilla_d_loss", "weighted_head_grads",
+    "reconstruction_nll", "weighted_head_grads",
 ]

@@ -36,12 +36,6 @@ def hinge_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
     return 0.5 * (loss_real + loss_fake)
 
 
-def vanilla_d_loss(logits_real: jax.Array, logits_fake: jax.Array) -> jax.Array:
-    """``0.5 * (mean softplus(-D(x)) + mean softplus(D(x_rec)))`` (LDM's alternative)."""
-    return 0.5 * (jnp.mean(jax.nn.softplus(-logits_real.astype(jnp.float32)))
-                  + jnp.mean(jax.nn.softplus(logits_fake.astype(jnp.float32))))
-
-
 def generator_loss(logits_fake: jax.Array) -> jax.Array:
     """``-mean D(x_rec)``."""
     return -jnp.mean(logits_fake.astype(jnp.float32))
@@ -150,7 +144,7 @@ def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
 
 __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
-    "hinge_d_loss", "vanilla_d_loss", "generator_loss", "disc_factor",
+    "hinge_d_loss", "generator_loss", "disc_factor",
     "reconstruction_nll", "kl_loss", "adaptive_weight_from_grads",
     "conv_out_apply", "generator_total_loss", "weighted_head_grads",
 ]

@@ -227,13 +227,7 @@ class LPIPS(nnx.Module):
         return (total, layers) if per_layer else total
 
 
-def load_lpips(path: str | os.PathLike | None = None, *, dtype: Dtype = jnp.float32,
-               param_dtype: Dtype = jnp.float32) -> LPIPS:
-    """Convenience: ``LPIPS(path, dtype=..., param_dtype=...)``."""
-    return LPIPS(path, dtype=dtype, param_dtype=param_dtype)
-
-
 __all__: Sequence[str] = (
-    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "load_lpips", "load_weights",
+    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "load_weights",
     "default_weights_path", "expected_shapes", "BUILD_COMMAND",
 )

@@ -5,7 +5,6 @@ H, H, H/2, H/4 and H/8. The blend replaces the known region (m = 0) of a decoder
 with the branch feature of the same size, so the decoder only has to generate the hole.
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
 from asymvq_jax.models.blocks import Dtypes

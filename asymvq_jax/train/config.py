@@ -2,6 +2,8 @@
 
 import ml_collections
 
+from asymvq_jax.losses import gan
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -19,8 +21,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.ema_decay = 0.0                # 0 = no EMA copy of the decoder
 
     c.loss = ml_collections.ConfigDict({
-        "perceptual_weight": 1.0, "kl_weight": 1e-6, "disc_weight": 0.8, "disc_factor": 1.0,
-        "disc_start": 50_001, "lpips_weights": ""})   # "" = the default weight file
+        "perceptual_weight": gan.PERCEPTUAL_WEIGHT, "kl_weight": gan.KL_WEIGHT, "disc_weight": gan.DISC_WEIGHT,
+        "disc_factor": 1.0, "disc_start": gan.DISC_START, "lpips_weights": ""})   # "" = the default weight file
     c.disc = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
 
     c.data = ml_collections.ConfigDict({
