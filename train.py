@@ -1,6 +1,6 @@
 """Train the asymmetric decoder: python train.py --config configs/local.py [--workdir DIR] [--config.x=y]."""
 
-import os
+import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -15,7 +15,7 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
     config_path = flags.FLAGS["config"].config_filename
-    workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+    workdir = _WORKDIR.value or f"runs/{pathlib.Path(config_path).stem}"
     metrics = train(_CONFIG.value, workdir)
     logging.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
 

@@ -6,11 +6,11 @@ A workdir holds `checkpoints/<step>/` (the train state and the frozen parameters
 
 import dataclasses
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 
+from asymvq_jax import paths
 from asymvq_jax.models import VAEConfig
 
 MODEL_CONFIG = "model_config.json"
@@ -19,7 +19,7 @@ MODEL_CONFIG = "model_config.json"
 def manager(workdir: str, *, keep: int = 3, save_every: int | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every or 1,
                                            enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"), options=options)
+    return ocp.CheckpointManager(paths.path(workdir) / "checkpoints", options=options)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, ckpt, *, force: bool = False) -> bool:
@@ -36,7 +36,7 @@ def restore(mgr: ocp.CheckpointManager, like, step: int | None = None):
 
 
 def is_workdir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, MODEL_CONFIG))
+    return paths.isfile(paths.join(path, MODEL_CONFIG))
 
 
 def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
@@ -61,14 +61,12 @@ def flatten(tree) -> dict[str, object]:
 
 
 def write_model_config(workdir: str, config: VAEConfig) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, MODEL_CONFIG), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, MODEL_CONFIG), json.dumps(dataclasses.asdict(config), indent=2))
 
 
 def read_model_config(workdir: str) -> VAEConfig:
-    path = os.path.join(workdir, MODEL_CONFIG)
-    if not os.path.exists(path):
+    path = paths.join(workdir, MODEL_CONFIG)
+    if not paths.exists(path):
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {MODEL_CONFIG}")
-    with open(path) as f:
-        return VAEConfig(**json.load(f))
+    return VAEConfig(**json.loads(paths.read_text(path)))

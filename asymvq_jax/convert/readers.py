@@ -7,6 +7,7 @@ Sources: diffusers folders, single files in original LDM layout (also whole SD c
 """
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from collections import Counter
 
 import numpy as np
 
+from asymvq_jax import paths
 from asymvq_jax.models.config import PRESETS, VAEConfig
 
 from . import keys as K
@@ -56,12 +58,14 @@ class Checkpoint:
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of a .safetensors file, with numpy only (no torch, no pickle)."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+    data = paths.read_bytes(path)
     try:
-        with safe_open(path, framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")  # the format: u64 length, then a JSON header
+        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+    except (SafetensorError, ValueError) as e:
         raise CorruptFileError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
     return tensors, metadata
 
@@ -87,7 +91,7 @@ def read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
     except ImportError as e:
         raise ImportError(f"reading the pickle {path} needs torch (pip install 'asymvq-jax[torch]')") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(paths.read_bytes(path)), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here: UnpicklingError, RuntimeError, EOFError...
         raise CorruptFileError(f"{path}: torch.load(weights_only=True) failed (truncated or corrupt file, or "
                                f"it holds objects other than tensors): {type(e).__name__}: {e}") from e
@@ -107,7 +111,7 @@ def read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
 
 
 def read_file(path: str, allow_pickle: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     lower = path.lower()
     if lower.endswith(SAFETENSORS_SUFFIXES):
@@ -252,16 +256,15 @@ def config_from_json(d: dict) -> VAEConfig:
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
         raise CorruptFileError(f"{path}: not valid JSON: {e}") from e
 
 
 def _find_folder_weights(folder: str, names) -> str | None:
     for name in names:
-        if os.path.isfile(os.path.join(folder, name)):
-            return os.path.join(folder, name)
+        if paths.isfile(paths.join(folder, name)):
+            return paths.join(folder, name)
     return None
 
 
@@ -270,26 +273,26 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
     read or inferred (needed only for norm_num_groups/scaling_factor of bare LDM files)."""
     path = os.fspath(path)
     json_cfg: VAEConfig | None = None
-    if os.path.isdir(path):
-        if os.path.isfile(os.path.join(path, ASYMVQ_CONFIG)):
-            meta = _read_json(os.path.join(path, ASYMVQ_CONFIG))
+    if paths.isdir(path):
+        if paths.isfile(paths.join(path, ASYMVQ_CONFIG)):
+            meta = _read_json(paths.join(path, ASYMVQ_CONFIG))
             version = meta.get("format_version")
             if meta.get("format") != "asymvq" or not isinstance(version, int) or version > ASYMVQ_FORMAT_VERSION:
                 raise UnknownFormatError(f"{path}/{ASYMVQ_CONFIG}: format {meta.get('format')!r} version {version!r}; "
                                          f"this code reads asymvq versions <= {ASYMVQ_FORMAT_VERSION}")
             json_cfg = config_from_json(meta.get("config", {}))
-            weights = os.path.join(path, ASYMVQ_WEIGHTS)
-            if not os.path.isfile(weights):
+            weights = paths.join(path, ASYMVQ_WEIGHTS)
+            if not paths.isfile(weights):
                 raise UnknownFormatError(f"{path}: has {ASYMVQ_CONFIG} but no {ASYMVQ_WEIGHTS}")
-        elif os.path.isfile(os.path.join(path, "config.json")):
-            json_cfg = VAEConfig.from_diffusers_config(_read_json(os.path.join(path, "config.json")))
+        elif paths.isfile(paths.join(path, "config.json")):
+            json_cfg = VAEConfig.from_diffusers_config(_read_json(paths.join(path, "config.json")))
             weights = _find_folder_weights(path, DIFFUSERS_WEIGHTS)
             if weights is None:
-                vae = os.path.join(path, "vae")
-                hint = f" (a pipeline folder? pass {vae})" if os.path.isdir(vae) else ""
+                vae = paths.join(path, "vae")
+                hint = f" (a pipeline folder? pass {vae})" if paths.isdir(vae) else ""
                 raise UnknownFormatError(f"{path}: diffusers config.json but none of {DIFFUSERS_WEIGHTS}{hint}")
-        elif os.path.isdir(os.path.join(path, "vae")):
-            return read_checkpoint(os.path.join(path, "vae"), allow_pickle=allow_pickle, config=config)
+        elif paths.isdir(paths.join(path, "vae")):
+            return read_checkpoint(paths.join(path, "vae"), allow_pickle=allow_pickle, config=config)
         else:
             raise UnknownFormatError(f"{path}: folder with neither config.json (diffusers) nor {ASYMVQ_CONFIG} (asymvq)")
     else:

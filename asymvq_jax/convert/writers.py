@@ -19,20 +19,17 @@ Formats:
   (``format: asymvq``, ``asymvq_config``). Giving a path ending in ``.safetensors`` writes that
   single file alone, which also loads (config from the metadata).
 
-Every writer builds its output under a temporary name in the destination's parent folder and
-moves it into place with ``os.replace`` at the very end; on any error the temporary is removed
-and an existing destination is left as it was.
+Every writer builds its output in a temporary place that becomes the destination only when
+complete (`paths.atomic_output`, which also says how that is done on ``gs://``).
 """
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from asymvq_jax.models.config import VAEConfig
+from asymvq_jax.paths import atomic_output
 
 from . import keys as K
 from .readers import ASYMVQ_CONFIG, ASYMVQ_FORMAT_VERSION, ASYMVQ_WEIGHTS, config_to_json
@@ -45,42 +42,6 @@ _FALLBACK_DIFFUSERS_VERSION = "0.39.0"
 def _save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
     from safetensors.numpy import save_file
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
-
-
-@contextlib.contextmanager
-def atomic_path(dst: str, is_dir: bool):
-    """Yields a temporary path beside `dst`; moves it onto `dst` only if the block succeeds."""
-    dst = os.path.abspath(dst)
-    parent = os.path.dirname(dst)
-    os.makedirs(parent, exist_ok=True)
-    base = os.path.basename(dst)
-    if is_dir:
-        tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
-    else:
-        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
-        os.close(fd)
-    try:
-        yield tmp
-        if is_dir and os.path.isdir(dst):
-            # A folder cannot be replaced by rename: move the old one aside first, then drop it.
-            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(dst, old)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old, dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            if os.path.isdir(dst):
-                raise IsADirectoryError(f"{dst} is a folder; this format writes a single file")
-            os.replace(tmp, dst)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-        elif os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _diffusers_version() -> str:
@@ -105,7 +66,7 @@ def diffusers_to_ldm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def write_diffusers(dst: str, tensors: dict[str, np.ndarray], cfg: VAEConfig) -> str:
     config = cfg.to_diffusers_config()  # raises before anything is written if it cannot be expressed
     config["_diffusers_version"] = _diffusers_version()
-    with atomic_path(dst, is_dir=True) as tmp:
+    with atomic_output(dst, is_dir=True) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
@@ -117,7 +78,7 @@ def write_ldm(dst: str, tensors: dict[str, np.ndarray], cfg: VAEConfig) -> str:
     if not dst.lower().endswith(".safetensors"):
         raise ValueError(f"{dst}: the ldm format is one file; give a path ending in .safetensors")
     ldm = diffusers_to_ldm(tensors)
-    with atomic_path(dst, is_dir=False) as tmp:
+    with atomic_output(dst, is_dir=False) as tmp:
         _save_safetensors(tmp, ldm, {"format": "pt", "asymvq_config": json.dumps(config_to_json(cfg))})
     return dst
 
@@ -128,10 +89,10 @@ def write_asymvq(dst: str, flax_params: dict[K.Path, np.ndarray], cfg: VAEConfig
     metadata = {"format": "asymvq", "asymvq_format_version": str(ASYMVQ_FORMAT_VERSION),
                 "asymvq_config": json.dumps(cfg_json)}
     if dst.lower().endswith(".safetensors"):
-        with atomic_path(dst, is_dir=False) as tmp:
+        with atomic_output(dst, is_dir=False) as tmp:
             _save_safetensors(tmp, tensors, metadata)
         return dst
-    with atomic_path(dst, is_dir=True) as tmp:
+    with atomic_output(dst, is_dir=True) as tmp:
         with open(os.path.join(tmp, ASYMVQ_CONFIG), "w") as f:
             json.dump({"format": "asymvq", "format_version": ASYMVQ_FORMAT_VERSION, "config": cfg_json}, f, indent=2)
             f.write("\n")

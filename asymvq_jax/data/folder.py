@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from asymvq_jax import paths
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
 __all__ = [
@@ -42,24 +44,19 @@ class BadImageError(Exception):
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
-    """Sorted absolute paths of all images under ``root`` (recursive, symlinks followed)."""
+    """Sorted paths of all images under ``root`` (recursive, local symlinks followed; ``gs://`` too)."""
     root = os.fspath(root)
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
         raise FileNotFoundError(
             f"image folder {root!r} (config.data.path) does not exist or is not a directory"
         )
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames.sort()
-        for f in filenames:
-            if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."):
-                out.append(os.path.join(dirpath, f))
+    out = [f for f in paths.walk_files(root)
+           if f.lower().endswith(IMAGE_EXTENSIONS) and not f.rsplit("/", 1)[-1].startswith(".")]
     if not out:
         raise ValueError(
             f"image folder {root!r} (config.data.path) contains no images "
             f"(searched recursively for {', '.join(IMAGE_EXTENSIONS)}, any case)"
         )
-    out.sort()
     return out
 
 
@@ -94,8 +91,8 @@ def decode_rgb(src: str | os.PathLike | bytes) -> tuple[np.ndarray, str | None]:
     Raises :class:`BadImageError` for anything that cannot be decoded.
     """
     try:
-        fp = io.BytesIO(src) if isinstance(src, (bytes, bytearray, memoryview)) else src
-        with Image.open(fp) as im:
+        data = src if isinstance(src, (bytes, bytearray, memoryview)) else paths.read_bytes(src)
+        with Image.open(io.BytesIO(data)) as im:
             im.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES is not set)
             if im.width < 1 or im.height < 1:
                 raise BadImageError("empty image")
@@ -151,7 +148,6 @@ def sample_photos_dir(dst: str | os.PathLike) -> str:
     Raises ``RuntimeError`` if none of the packages is installed.
     """
     dst = os.fspath(dst)
-    os.makedirs(dst, exist_ok=True)
     written = 0
     for provider in (_skimage_photos, _sklearn_photos, _matplotlib_photos):
         try:
@@ -159,8 +155,8 @@ def sample_photos_dir(dst: str | os.PathLike) -> str:
         except ImportError:
             continue
         for name, load in items:
-            path = os.path.join(dst, f"{name}.png")
-            if os.path.exists(path):
+            path = paths.join(dst, f"{name}.png")
+            if paths.exists(path):
                 written += 1
                 continue
             try:
@@ -171,9 +167,9 @@ def sample_photos_dir(dst: str | os.PathLike) -> str:
                 arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
             if arr.ndim == 3 and arr.shape[-1] == 4:
                 arr = arr[..., :3]
-            tmp = path + ".tmp.png"
-            Image.fromarray(arr).save(tmp)
-            os.replace(tmp, path)
+            png = io.BytesIO()
+            Image.fromarray(arr).save(png, format="PNG")
+            paths.write_bytes(path, png.getvalue())
             written += 1
     if not written:
         raise RuntimeError(

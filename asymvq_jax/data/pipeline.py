@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from asymvq_jax import paths
 from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images, sample_photos_dir
 from asymvq_jax.data.masks import example_rng, training_mask
 
@@ -126,9 +127,9 @@ def make_source(config, *, process_index: int, process_count: int):
         path = _get(data, "path")
         if not path:
             raise ValueError("config.data.path must name an image folder (source='folder')")
-        return FolderSource(os.path.expanduser(str(path)))
+        return FolderSource(str(path))
     if kind == "bundled_photos":  # the photos that ship inside installed wheels: no download
-        path = os.path.expanduser(str(_get(data, "path") or "~/.cache/asymvq_jax/photos"))
+        path = paths.join(_get(data, "path") or "~/.cache/asymvq_jax/photos")
         return FolderSource(sample_photos_dir(path))
     if kind == "tfds":
         from asymvq_jax.data.tfds import TfdsSource  # noqa: PLC0415 - TF is optional

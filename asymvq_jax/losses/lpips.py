@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from asymvq_jax import paths
+
 Dtype = Any
 
 #: torchvision ``vgg16().features`` indices of the 13 convolutions, their (in, out)
@@ -71,9 +73,8 @@ def default_weights_path() -> str:
     (``$XDG_CACHE_HOME`` honoured)."""
     env = os.environ.get(ENV_VAR)
     if env:
-        return os.path.expanduser(env)
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "asymvq_jax", "lpips_vgg.safetensors")
+        return os.fspath(paths.path(env))
+    return paths.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "asymvq_jax", "lpips_vgg.safetensors")
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -97,12 +98,12 @@ def load_weights(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
     path, the missing / mis-shaped keys and the command that builds the file."""
     path = os.fspath(path) if path is not None else default_weights_path()
     hint = f"Build it with:  {BUILD_COMMAND} --out {path}"
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise LPIPSWeightsError(f"LPIPS weight file not found: {path}\n{hint}")
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load
 
     try:
-        tensors = load_file(path)
+        tensors = load(paths.read_bytes(path))
     except Exception as e:  # corrupt / truncated file
         raise LPIPSWeightsError(f"LPIPS weight file {path} could not be read ({e}).\n{hint}") from e
     exp = expected_shapes()

@@ -44,6 +44,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from asymvq_jax import paths
 from asymvq_jax.losses.lpips import (
     LPIPS_CHANNELS,
     VGG16_CONV_INDICES,
@@ -100,7 +101,7 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 def load_numpy_pickle(src: str | os.PathLike | bytes) -> Any:
     """Load a pickle made only of containers and plain numeric numpy arrays."""
-    data = src if isinstance(src, (bytes, bytearray)) else open(src, "rb").read()
+    data = src if isinstance(src, (bytes, bytearray)) else paths.read_bytes(src)
     obj = _NumpyOnlyUnpickler(io.BytesIO(data)).load()
 
     def check(x, path="<root>"):
@@ -124,8 +125,8 @@ def load_torch_state_dict(src: str | os.PathLike | bytes) -> dict[str, np.ndarra
     """``torch.load(weights_only=True, map_location='cpu')`` -> ``{name: float32 array}``."""
     import torch
 
-    f = io.BytesIO(src) if isinstance(src, (bytes, bytearray)) else src
-    sd = torch.load(f, map_location="cpu", weights_only=True)
+    data = src if isinstance(src, (bytes, bytearray)) else paths.read_bytes(src)
+    sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     if hasattr(sd, "state_dict"):
         sd = sd.state_dict()
     return {k: v.detach().cpu().float().numpy() for k, v in sd.items() if hasattr(v, "detach")}
@@ -195,22 +196,13 @@ def verify(tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def save(tensors: Mapping[str, np.ndarray], out: str | os.PathLike, source: str) -> str:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as to_bytes
 
     verify(tensors)
-    out = os.fspath(out)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
-    save_file(
-        {k: np.ascontiguousarray(tensors[k], np.float32) for k in sorted(tensors)},
-        tmp,
-        metadata={"format": FORMAT, "layout": "NHWC/HWIO", "source": source},
-    )
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, out)  # never leave a half-written file at the final path
-    return out
+    data = to_bytes({k: np.ascontiguousarray(tensors[k], np.float32) for k in sorted(tensors)},
+                    metadata={"format": FORMAT, "layout": "NHWC/HWIO", "source": source})
+    paths.write_bytes(out, data)  # never a half-written file at the final path
+    return os.fspath(out)
 
 
 def build_from_torch(vgg_path, lin_path, out) -> str:

@@ -1,13 +1,15 @@
 """Where training reports: a progress bar or log lines, TensorBoard events, a JSONL file, PNG grids."""
 
+import io
 import json
 import logging
-import os
 import sys
 
 import jax
 import numpy as np
 from PIL import Image
+
+from asymvq_jax import paths
 
 
 def quiet_libraries() -> None:
@@ -16,22 +18,22 @@ def quiet_libraries() -> None:
 
 
 class MetricWriter:
-    """Writes scalars to TensorBoard and `metrics.jsonl` (host 0 only)."""
+    """Writes scalars to TensorBoard and `metrics.jsonl` (host 0 only). tensorboardX writes gs://
+    itself (through google-cloud-storage, re-uploading the event file at each flush)."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
         if self.active:
             from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))
+            self.jsonl = paths.LineLog(paths.join(workdir, "metrics.jsonl"))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.active:
             return
         for name, value in scalars.items():
             self.tb.add_scalar(name, value, step)
-        self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self.jsonl.flush()
+        self.jsonl.write(json.dumps({"step": step, **scalars}))
 
     def close(self) -> None:
         if self.active:
@@ -69,5 +71,6 @@ def to_uint8(images) -> np.ndarray:
 def save_grid(path: str, columns: list) -> None:
     """One row per example; columns are [B, H, W, 3] batches in [-1, 1]."""
     rows = [np.concatenate([to_uint8(col[i]) for col in columns], axis=1) for i in range(len(columns[0]))]
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    png = io.BytesIO()
+    Image.fromarray(np.concatenate(rows, axis=0)).save(png, format="PNG")
+    paths.write_bytes(path, png.getvalue())

@@ -2,7 +2,6 @@
 
 import contextlib
 import logging
-import os
 import signal
 import threading
 import time
@@ -10,7 +9,7 @@ import time
 import jax
 import numpy as np
 
-from asymvq_jax import checkpoint, parallel
+from asymvq_jax import checkpoint, parallel, paths
 from asymvq_jax.data import batch_for_step, make_train_iterator
 from asymvq_jax.data.masks import example_rng, lama_mask
 from asymvq_jax.train import logs
@@ -63,7 +62,7 @@ def train(config, workdir: str) -> dict[str, float]:
 
 def _train(config, workdir, cleanup) -> dict[str, float]:
     # ---- workdir and mesh
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     logs.quiet_libraries()
     mesh = parallel.make_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
@@ -141,6 +140,6 @@ def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dic
     plain, guided = jax.device_get(sample_fn(params, consts, images, masks))
     if jax.process_index() == 0:
         masked = images * (1 - masks) + masks * -1.0  # holes shown black
-        logs.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
+        logs.save_grid(paths.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
     return {f"samples/known_mse_{name}": float(known_region_mse(images, out, masks))
             for name, out in (("plain", plain), ("guided", guided))}

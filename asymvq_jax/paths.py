@@ -1,0 +1,203 @@
+"""Every user path (workdir, init_from, data, weight files, exports) goes through here, so that a
+local path and a `gs://` URL behave alike.
+
+Paths are `etils.epath` paths, as orbax uses. `gs://` goes through gcsfs (`pip install
+'asymvq-jax[gcs]'`) rather than tf.io.gfile: gcsfs is the backend the emulator tests cover
+(tf.io.gfile cannot be pointed at an emulator). EPATH_USE_TF=true selects tf.io.gfile instead.
+Object stores have no append and no atomic folder rename: `LineLog` and `atomic_output` say how
+each is done there.
+"""
+
+import contextlib
+import importlib.util
+import io
+import os
+import shutil
+import tempfile
+import time
+
+os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a gs:// backend (it caches the choice)
+
+from etils import epath  # noqa: E402
+
+PathLike = str | os.PathLike
+
+
+def is_remote(p: PathLike) -> bool:
+    return "://" in os.fspath(p)
+
+
+def path(p: PathLike) -> epath.Path:
+    """An epath for `p`; local paths are made absolute (orbax wants them so), `~` expanded."""
+    s = os.fspath(p)
+    if not is_remote(s):
+        return epath.Path(os.path.abspath(os.path.expanduser(s)))
+    if s.startswith("gs://") and os.environ["EPATH_USE_TF"].lower() in ("false", "no", "f", "0"):
+        _configure_gcsfs(s)
+    return epath.Path(s)
+
+
+def _configure_gcsfs(url: str) -> None:
+    if importlib.util.find_spec("gcsfs") is None:
+        raise ImportError(f"{url}: gs:// paths need gcsfs: pip install 'asymvq-jax[gcs]'")
+    import fsspec
+    # No cached listings: other hosts and tensorstore (orbax's arrays) write into the same folders.
+    fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+
+
+def join(p: PathLike, *names: str) -> str:
+    return os.fspath(path(p).joinpath(*names))
+
+
+def exists(p: PathLike) -> bool:
+    return path(p).exists()
+
+
+def isdir(p: PathLike) -> bool:
+    return path(p).is_dir()
+
+
+def isfile(p: PathLike) -> bool:
+    q = path(p)
+    return q.exists() and not q.is_dir()
+
+
+def makedirs(p: PathLike) -> None:
+    path(p).mkdir(parents=True, exist_ok=True)
+
+
+def read_bytes(p: PathLike) -> bytes:
+    return path(p).read_bytes()
+
+
+def read_text(p: PathLike) -> str:
+    return path(p).read_text()
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+    """Whole or not at all: locally a temporary file renamed into place; an object upload is
+    already atomic."""
+    with atomic_output(p, is_dir=False) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def write_text(p: PathLike, text: str) -> None:
+    write_bytes(p, text.encode())
+
+
+def walk_files(root: PathLike) -> list[str]:
+    """Every file under `root`, recursively (local symlinks followed), sorted."""
+    top = path(root)
+    if not is_remote(root):
+        return sorted(os.path.join(d, f) for d, _, files in os.walk(top, followlinks=True) for f in files)
+    scheme = os.fspath(root).split("://")[0] + "://"  # epath's fsspec walk drops it
+    return sorted(f"{scheme}{os.fspath(d).split('://')[-1]}/{f}" for d, _, files in top.walk() for f in files)
+
+
+@contextlib.contextmanager
+def atomic_output(dst: PathLike, is_dir: bool):
+    """Yields a local temporary file or folder; when the block succeeds it becomes `dst`.
+
+    Locally it is renamed into place (an old folder is moved aside first). An object store
+    cannot rename a folder: its files are uploaded one by one, the JSON files last (readers
+    recognise a folder by its config) and an old folder's JSON files deleted first, so a reader
+    never pairs a config with the weights of another export.
+    """
+    if is_remote(dst):
+        with tempfile.TemporaryDirectory() as tmp_root:
+            tmp = os.path.join(tmp_root, "out")
+            if is_dir:
+                os.mkdir(tmp)
+            yield tmp
+            _upload(tmp, path(dst), is_dir)
+        return
+    dst = os.fspath(path(dst))
+    parent, base = os.path.dirname(dst), os.path.basename(dst)
+    os.makedirs(parent, exist_ok=True)
+    if is_dir:
+        tmp = tempfile.mkdtemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+    else:
+        fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=parent)
+        os.close(fd)
+    try:
+        yield tmp
+        if is_dir and os.path.isdir(dst):
+            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
+            os.rmdir(old)
+            os.replace(dst, old)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(old, dst)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if os.path.isdir(dst):
+                raise IsADirectoryError(f"{dst} is a folder; this format writes a single file")
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a renamed file keeps that
+            os.replace(tmp, dst)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _upload(local: str, dst: epath.Path, is_dir: bool) -> None:
+    if not is_dir:
+        if dst.is_dir():
+            raise IsADirectoryError(f"{dst} is a folder; this format writes a single file")
+        dst.write_bytes(open(local, "rb").read())
+        return
+    if dst.exists():
+        for old in dst.glob("*.json"):
+            old.unlink()
+    names = sorted(os.listdir(local), key=lambda n: (n.endswith(".json"), n))
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (dst / name).write_bytes(open(os.path.join(local, name), "rb").read())
+
+
+class LineLog:
+    """A text file that grows by lines (metrics.jsonl); a resumed run continues it.
+
+    Object stores cannot append: there the text is kept and the whole object rewritten, at most
+    every `every_s` seconds and on close.
+    """
+
+    def __init__(self, p: PathLike, every_s: float = 30.0):
+        self.path, self.every_s = path(p), every_s
+        self.remote = is_remote(p)
+        if self.remote:
+            self.text = io.StringIO()
+            self.text.write(self.path.read_text() if self.path.exists() else "")
+            self.written = time.monotonic()
+        else:
+            self.file = open(self.path, "a")
+
+    def write(self, line: str) -> None:
+        if not self.remote:
+            self.file.write(line + "\n")
+            self.file.flush()
+            return
+        self.text.write(line + "\n")
+        if time.monotonic() - self.written >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote:
+            self.path.write_text(self.text.getvalue())
+            self.written = time.monotonic()
+
+    def close(self) -> None:
+        if self.remote:
+            self.flush()
+        else:
+            self.file.close()
