@@ -17,14 +17,39 @@ def quiet_libraries() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+class _ObjectEventWriter:
+    """TensorBoard events on gs://, through the path layer: a bucket cannot append, so each flush
+    rewrites the whole event file. (tensorboardX's own gs:// writer uploads once more when it is
+    garbage-collected after close, which blocks an exit for minutes when the bucket is unreachable.)"""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = path, io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        paths.write_bytes(self.path, self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _ObjectEventWriters:
+    open = staticmethod(_ObjectEventWriter)
+
+    def directory_check(self, path: str) -> None:
+        pass  # a bucket has no folders to create
+
+
 class MetricWriter:
-    """Writes scalars to TensorBoard and `metrics.jsonl` (host 0 only). tensorboardX writes gs://
-    itself (through google-cloud-storage, re-uploading the event file at each flush)."""
+    """Writes scalars to TensorBoard and `metrics.jsonl` (host 0 only)."""
 
     def __init__(self, workdir: str):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter, record_writer
+            record_writer.register_writer_factory("gs", _ObjectEventWriters())
             self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))
             self.jsonl = paths.LineLog(paths.join(workdir, "metrics.jsonl"))
 
