@@ -17,6 +17,9 @@ import tempfile
 import time
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a gs:// backend (it caches the choice)
+# gcsfs would ask the storage-control API for each bucket's layout, on every call where that API
+# is not allowed; the workdir, data and weights live in plain buckets.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from etils import epath  # noqa: E402
 
@@ -84,6 +87,18 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 
 def write_text(p: PathLike, text: str) -> None:
     write_bytes(p, text.encode())
+
+
+@contextlib.contextmanager
+def local_copy(p: PathLike):
+    """A local file with the content of `p` (`p` itself when local), for readers that want a file."""
+    if not is_remote(p):
+        yield os.fspath(path(p))
+        return
+    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(os.fspath(p))[1]) as f:
+        f.write(read_bytes(p))
+        f.flush()
+        yield f.name
 
 
 def walk_files(root: PathLike) -> list[str]:

@@ -72,8 +72,6 @@ def bucket(tmp_path_factory):
     with emulator() as url, pytest.MonkeyPatch.context() as env:
         env.setenv("STORAGE_EMULATOR_HOST", url)
         env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
-        # Read when gcsfs is imported: the emulator has no storage-control API to ask a bucket's layout.
-        env.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
         from google.cloud import storage
         storage.Client().create_bucket(BUCKET[len("gs://"):])
         _upload_inputs(tmp_path_factory.mktemp("inputs"))

@@ -58,14 +58,12 @@ class Checkpoint:
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of a .safetensors file, with numpy only (no torch, no pickle)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
-    data = paths.read_bytes(path)
+    from safetensors import SafetensorError, safe_open
     try:
-        tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")  # the format: u64 length, then a JSON header
-        metadata = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except (SafetensorError, ValueError) as e:
+        with paths.local_copy(path) as local, safe_open(local, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
         raise CorruptFileError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
     return tensors, metadata
 
