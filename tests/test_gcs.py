@@ -32,6 +32,8 @@ from asymvq_jax.losses.lpips import expected_shapes  # noqa: E402
 from asymvq_jax.losses.lpips_weights import save as save_lpips  # noqa: E402
 from tests import tiny_config  # noqa: E402
 
+pytestmark = pytest.mark.slow  # three tiny training runs in subprocesses
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://asymvq-test"
 
