@@ -13,9 +13,10 @@ import numpy as np
 from asymvq_jax import checkpoint, parallel
 from asymvq_jax.data import batch_for_step, make_train_iterator
 from asymvq_jax.data.masks import example_rng, lama_mask
+from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import logs
 from asymvq_jax.train.state import build, count, model_config
-from asymvq_jax.train.step import known_region_mse, make_sample_fn, make_train_step
+from asymvq_jax.train.step import make_sample_fn, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -142,5 +143,5 @@ def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dic
     if jax.process_index() == 0:
         masked = images * (1 - masks) + masks * -1.0  # holes shown black
         logs.save_grid(os.path.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
-    return {f"samples/known_mse_{name}": float(known_region_mse(images, out, masks))
+    return {f"samples/known_mse_{name}": float(np.mean(pre_error(images, out, masks)))
             for name, out in (("plain", plain), ("guided", guided))}
