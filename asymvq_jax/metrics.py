@@ -137,3 +137,59 @@ def region_report(x, y, mask, lpips=None) -> dict[str, float]:
     when a module is given; each averaged over the batch."""
     return summarize(jax.device_get(per_image(x, y, mask, lpips)))
 
+
+
+class FeatureStats:
+    """Mean and covariance of feature vectors, accumulated over a dataset in float64 on the host."""
+
+    def __init__(self, dim: int = 2048):
+        self.n, self.total, self.outer = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def add(self, features) -> None:
+        f = np.asarray(features, np.float64)
+        if f.ndim != 2 or f.shape[1] != len(self.total):
+            raise ValueError(f"features must be [N, {len(self.total)}], got {f.shape}")
+        self.n += len(f)
+        self.total += f.sum(axis=0)
+        self.outer += f.T @ f
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        """The mean and the unbiased covariance (np.cov's), as pytorch-fid computes them."""
+        if self.n < 2:
+            raise ValueError(f"FID statistics need at least 2 images, got {self.n}")
+        mu = self.total / self.n
+        return mu, (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """FID between two Gaussians: |mu1 - mu2|^2 + tr(s1 + s2 - 2 (s1 s2)^(1/2)), in float64.
+
+    tr (s1 s2)^(1/2) is the sum of the square roots of the eigenvalues of s1^(1/2) s2 s1^(1/2),
+    a symmetric matrix: no complex square root (pytorch-fid's scipy.linalg.sqrtm) is needed.
+    """
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, sigma1, sigma2))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"FID statistics do not match: mu {mu1.shape} vs {mu2.shape}, "
+                         f"sigma {s1.shape} vs {s2.shape}")
+    w, v = np.linalg.eigh(s1)
+    root1 = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = np.linalg.eigvalsh(root1 @ s2 @ root1)
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def save_fid_stats(path: str, mu, sigma) -> None:
+    """Writes pytorch-fid's `.npz` format (`mu`, `sigma`)."""
+    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+
+
+def load_fid_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a pytorch-fid `.npz` (`mu` [D], `sigma` [D, D]), checking both are there and fit."""
+    with np.load(path, allow_pickle=False) as f:
+        missing = {"mu", "sigma"} - set(f.files)
+        if missing:
+            raise ValueError(f"{path}: not FID statistics, missing {sorted(missing)} (has {f.files})")
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    return mu, sigma

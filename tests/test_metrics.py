@@ -120,3 +120,103 @@ def test_bad_shapes_are_named():
         metrics.psnr(x, x[:1])
     with pytest.raises(ValueError, match="at least 11x11"):
         metrics.ssim(x[:, :8, :8], x[:, :8, :8])
+
+
+@pytest.fixture(scope="module")
+def pytorch_fid():
+    """pytorch-fid's modules. PyPI's torchvision wheel is built against CUDA torch and its compiled
+    ops cannot load beside the CPU torch; pytorch-fid uses only torchvision's Python model code,
+    so the registration of those ops is skipped."""
+    pytest.importorskip("torch")
+    import sys
+    import types
+    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
+    pytest.importorskip("torchvision")
+    import pytorch_fid.fid_score
+    import pytorch_fid.inception
+    return pytorch_fid
+
+
+def random_fid_inception(pytorch_fid, monkeypatch):
+    """pytorch-fid's InceptionV3 and its inner torchvision Inception3, with random weights in
+    place of the download: He-scaled convolutions and non-trivial BatchNorm statistics."""
+    import torch
+    import torchvision
+    inner = {}
+    monkeypatch.setattr(pytorch_fid.inception, "load_state_dict_from_url", lambda *a, **k: None)
+    monkeypatch.setattr(torchvision.models.Inception3, "load_state_dict", lambda self, *a, **k: inner.update(net=self))
+    torch.manual_seed(0)
+    model = pytorch_fid.inception.InceptionV3([3]).eval()
+    with torch.no_grad():
+        for m in inner["net"].modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, (2.0 / m.weight[0].numel()) ** 0.5)
+            elif isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
+                m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    return model, inner["net"]
+
+
+@pytest.mark.slow
+def test_inception_pool_features_equal_pytorch_fid(pytorch_fid, monkeypatch, tmp_path):
+    import torch
+    from asymvq_jax import inception
+    model, inner = random_fid_inception(pytorch_fid, monkeypatch)
+    pth = tmp_path / "pt_inception.pth"
+    torch.save(inner.state_dict(), pth)       # the published file's layout: torchvision Inception3 keys
+    ours_path = tmp_path / "fid_inception.safetensors"
+    assert inception.main(["from-pth", str(pth), "--out", str(ours_path)]) == 0
+    ours = inception.load(str(ours_path))
+
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 72, 96, 3)).astype(np.float32)  # resized to 299 inside
+    with torch.no_grad():
+        want = model(torch.from_numpy((x + 1) / 2).permute(0, 3, 1, 2))[0][:, :, 0, 0].numpy()
+    got = np.asarray(ours(x))
+    assert got.shape == (2, inception.FEATURES) and np.abs(want).mean() > 0.1
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_inception_weight_file_errors(tmp_path):
+    from asymvq_jax import inception
+    with pytest.raises(FileNotFoundError, match="from-pth"):
+        inception.load(str(tmp_path / "none.safetensors"))
+    shapes = inception.expected_shapes()
+    weights = {k: np.zeros(s, np.float32) for k, s in shapes.items()}
+    del weights["Mixed_7c.branch_pool.bn.var"]
+    weights["Conv2d_1a_3x3.conv.kernel"] = np.zeros((3, 3, 3, 31), np.float32)
+    with pytest.raises(ValueError, match=r"Mixed_7c.branch_pool.bn.var.*Conv2d_1a_3x3.conv.kernel: \(3, 3, 3, 31\)"):
+        inception.load(weights)
+
+
+def test_frechet_distance_and_stats_equal_pytorch_fid(pytorch_fid, tmp_path):
+    rng = np.random.default_rng(0)
+    dim = 256
+    mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    real = rng.normal(size=(600, dim)) @ mix
+    fake = 0.9 * rng.normal(size=(500, dim)) @ (mix + 0.05 * rng.normal(size=(dim, dim))) + 0.1
+
+    stats = []
+    for feats in (real, fake):
+        acc = metrics.FeatureStats(dim)
+        for chunk in np.array_split(feats.astype(np.float32), 7):  # batches, as eval feeds them
+            acc.add(chunk)
+        mu, sigma = acc.mean_cov()
+        exact = feats.astype(np.float32).astype(np.float64)
+        np.testing.assert_allclose(mu, exact.mean(0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(sigma, np.cov(exact, rowvar=False), rtol=1e-9, atol=1e-12)
+        stats.append((mu, sigma))
+
+    want = pytorch_fid.fid_score.calculate_frechet_distance(*stats[0], *stats[1])
+    got = metrics.frechet_distance(*stats[0], *stats[1])
+    assert want > 1.0 and abs(got - want) <= 1e-3 * want, (got, want)
+    assert abs(metrics.frechet_distance(*stats[0], *stats[0])) < 1e-6 * want
+
+    # .npz statistics: ours read by pytorch-fid, and back.
+    path = str(tmp_path / "real.npz")
+    metrics.save_fid_stats(path, *stats[0])
+    mu, sigma = pytorch_fid.fid_score.compute_statistics_of_path(path, None, 1, dim, "cpu")
+    np.testing.assert_array_equal(mu, stats[0][0]), np.testing.assert_array_equal(sigma, stats[0][1])
+    np.testing.assert_array_equal(metrics.load_fid_stats(path)[1], stats[0][1])
+    np.savez(tmp_path / "bad.npz", mean=mu)
+    with pytest.raises(ValueError, match=r"bad.npz: not FID statistics, missing \['mu', 'sigma'\]"):
+        metrics.load_fid_stats(str(tmp_path / "bad.npz"))
