@@ -58,17 +58,16 @@ def _gaussian_1d():
 
 
 def _blur(x, full_map):
-    """Separable 11x11 Gaussian filter of every channel: zero-padded to the input size (full map)
-    or only where the window fits (valid)."""
-    b, h, w, c = x.shape
-    planes = jnp.transpose(x, (0, 3, 1, 2)).reshape(b * c, h, w, 1)
+    """Separable 11x11 Gaussian filter of each channel (depthwise): zero-padded to the input size
+    (full map) or only where the window fits (valid)."""
+    c = x.shape[-1]
     g = jnp.asarray(_gaussian_1d())
     pad = SSIM_WINDOW // 2 if full_map else 0
-    for kernel, padding in ((g.reshape(-1, 1, 1, 1), ((pad, pad), (0, 0))),
-                            (g.reshape(1, -1, 1, 1), ((0, 0), (pad, pad)))):
-        planes = jax.lax.conv_general_dilated(planes, kernel, (1, 1), padding, precision=_HI,
-                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return jnp.transpose(planes.reshape(b, c, *planes.shape[1:3]), (0, 2, 3, 1))
+    for shape, padding in (((-1, 1, 1, 1), ((pad, pad), (0, 0))), ((1, -1, 1, 1), ((0, 0), (pad, pad)))):
+        kernel = jnp.tile(g.reshape(shape), (1, 1, 1, c))
+        x = jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, precision=_HI, feature_group_count=c,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return x
 
 
 def ssim_map(x, y, *, full_map=True):

@@ -21,9 +21,10 @@ MASKS_PER_SET, MASK_SEED, MAX_HOLE = 200, 0, 0.5
 _TAG_EVAL_MASK = 11  # RNG stream of the eval masks, apart from the training ones
 
 
-def draw_mask_set(name: str, n: int = MASKS_PER_SET, seed: int = MASK_SEED) -> np.ndarray:
-    """n masks [n, S, S] uint8 {0, 1} of variant `name` (S its base size), each 0 < hole <= 50%."""
-    size, k = MASK_VARIANTS[name].base_size, MASK_SETS.index(name)
+def draw_mask_set(name: str, n: int = MASKS_PER_SET, seed: int = MASK_SEED, size: int = 0) -> np.ndarray:
+    """n masks [n, S, S] uint8 {0, 1} of variant `name` (S: `size`, default the variant's own),
+    each 0 < hole <= 50%."""
+    size, k = size or MASK_VARIANTS[name].base_size, MASK_SETS.index(name)
     out = []
     for i in range(n):
         for attempt in range(1000):
@@ -41,9 +42,13 @@ def write_mask_sets(dst: str = MASKS_DIR, n: int = MASKS_PER_SET, seed: int = MA
             Image.fromarray(m * 255).save(os.path.join(dst, name, f"{i:04d}.png"), optimize=True)
 
 
-def load_masks(source: str, size: int) -> np.ndarray:
+def load_masks(source: str, size: int, count: int = MASKS_PER_SET) -> np.ndarray:
     """A mask set by name (`MASK_SETS`) or a folder of mask images (white = hole, thresholded at
-    half as LaMa does) -> float32 [N, size, size, 1]. Masks of another size are an error."""
+    half as LaMa does) -> float32 [N, size, size, 1]. Masks of another size are an error, but a
+    named set at a size other than its own (small images during training) is drawn again there
+    (its first `count` masks)."""
+    if source in MASK_SETS and size != MASK_VARIANTS[source].base_size:
+        return draw_mask_set(source, min(count, MASKS_PER_SET), size=size).astype(np.float32)[..., None]
     folder = os.path.join(MASKS_DIR, source) if source in MASK_SETS else source
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"mask set {source!r}: neither a known set {MASK_SETS} nor a folder")
@@ -89,7 +94,8 @@ def tfds_images(name: str, split: str, data_dir: str | None, image_key: str = "i
 
 def eval_batches(images, masks: np.ndarray, size: int, batch_size: int, *, limit: int = 0,
                  process_index: int = 0, process_count: int = 1):
-    """Yields this host's part of each global batch: {"image", "mask", "valid"} and the names.
+    """Yields this host's part of each global batch, {"image", "mask", "valid"}, and the names of
+    the whole global batch.
 
     Finite and in a fixed order. The last batch is filled up by repeating its first image with
     valid = 0, so every batch splits evenly over the devices; metrics drop the filler.
@@ -113,8 +119,7 @@ def eval_batches(images, masks: np.ndarray, size: int, batch_size: int, *, limit
             except BadImageError as e:
                 raise BadImageError(f"evaluation image {name}: {e}") from e
             batch["mask"].append(masks[i % len(masks)])
-        yield {k: np.stack(v) if isinstance(v, list) else v for k, v in batch.items()}, \
-            [images[i][0] for i in idx[mine]]
+        yield {k: np.stack(v) if isinstance(v, list) else v for k, v in batch.items()}, [images[i][0] for i in idx]
 
 
 def main(argv=None) -> None:
