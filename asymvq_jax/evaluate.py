@@ -140,10 +140,15 @@ def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: 
              grids: int = 0, progress: bool = False) -> dict:
     """Every metric of every decoder, plain and guided, averaged over `images` (see module doc).
 
-    Returns {"decoders": {name: {mode: {metric: value}}}, "num_images", "images_per_s", ...} and,
+    Returns {"decoders": {name: {mode: {metric: value}}}, "num_images", "images_per_s" (each image
+    through every decoder and metric, from the second batch on: no compiling), ...} and,
     when `grids` > 0, the `grids` worst and best examples per decoder (by whole-image PSNR of the
     guided decode, plain for plain decoders) under "grids".
     """
+    decoder_names = [d.name for d in decoders]
+    if len(set(decoder_names)) < len(decoder_names):
+        raise ValueError(f"decoders need distinct names, got {decoder_names}; rename the folders")
+    reference = metrics.load_fid_stats(fid_stats) if fid_stats else None  # a bad file fails before the run
     mesh = parallel.make_mesh()
     parallel.check_batch_size(batch_size, mesh)
     rep = parallel.replicated(mesh)
@@ -174,7 +179,7 @@ def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: 
                 values[d.name][mode].append({k: np.asarray(v)[valid] for k, v in per.items()})
             for key, f in feats.items():
                 if key == "real":
-                    if d is decoders[0] and not fid_stats:
+                    if d is decoders[0]:
                         stats["real"].add(np.asarray(f)[valid])
                 else:
                     stats[(d.name, key)].add(np.asarray(f)[valid])
@@ -192,9 +197,11 @@ def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: 
         bar.close()
     rate = (n_done - warm[0]) / (now - warm[1]) if n_done > warm[0] else n_done / (now - start)
     results = {"num_images": n_done, "seconds": now - start, "images_per_s": rate, "decoders": {}}
-    real = metrics.load_fid_stats(fid_stats) if fid_stats else (stats["real"].mean_cov() if inception else None)
+    real = stats["real"].mean_cov() if inception is not None else None
     if save_fid_stats and real is not None and jax.process_index() == 0:
         metrics.save_fid_stats(save_fid_stats, *real)
+    if reference is not None:
+        real = reference
     for d in decoders:
         results["decoders"][d.name] = {}
         for mode, chunks in values[d.name].items():
@@ -209,10 +216,9 @@ def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: 
 
 
 def _offer(extremes, d, global_batch, outs, vals, valid, names):
+    outs, x, mask = multihost_utils.process_allgather((outs, global_batch["image"], global_batch["mask"]), tiled=True)
     if jax.process_index() != 0:
         return
-    outs = multihost_utils.process_allgather(outs, tiled=True)
-    x, mask = (np.asarray(multihost_utils.process_allgather(global_batch[k], tiled=True)) for k in ("image", "mask"))
     mode = "guided" if d.config.asymmetric else "plain"
     scores = np.asarray(vals[mode]["psnr/whole"])
     for i in np.flatnonzero(valid):
