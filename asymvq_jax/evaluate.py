@@ -66,7 +66,8 @@ def dataset_images(spec: str, limit: int = 0):
 
 def read_latents(folder: str, names, decoder: Decoder, shape) -> np.ndarray:
     """Latents made elsewhere (e.g. a diffusers inpainting run), one `NAME.npy` or `NAME.safetensors`
-    per image, NCHW or NHWC, scaled as diffusion models see them; returned unscaled, NHWC."""
+    per image, [1, C, h, w], [C, h, w] or [h, w, C], scaled as diffusion models see them; returned
+    unscaled, NHWC."""
     out = []
     for name in names:
         path = next((os.path.join(folder, name + ext) for ext in (".npy", ".safetensors")
@@ -79,12 +80,13 @@ def read_latents(folder: str, names, decoder: Decoder, shape) -> np.ndarray:
             from safetensors.numpy import load_file
             tensors = load_file(path)
             z = tensors.get("latents", next(iter(tensors.values())))
-        z = np.asarray(z, np.float32).reshape(z.shape[-3:]) if z.ndim == 4 and z.shape[0] == 1 else np.asarray(z)
+        z = np.asarray(z, np.float32)
+        z = z[0] if z.ndim == 4 and z.shape[0] == 1 else z
         h, w, c = shape
-        if z.shape == (c, h, w):
+        if z.shape == (c, h, w):       # diffusers' layout; it wins where both read the same
             z = z.transpose(1, 2, 0)
-        if z.shape != (h, w, c):
-            raise ValueError(f"{path}: latents of shape {z.shape}; the images need ({h}, {w}, {c}) or ({c}, {h}, {w})")
+        elif z.shape != (h, w, c):
+            raise ValueError(f"{path}: latents of shape {z.shape}; the images need ({c}, {h}, {w}) or ({h}, {w}, {c})")
         out.append(z / decoder.config.scaling_factor + (decoder.config.shift_factor or 0.0))
     return np.stack(out).astype(np.float32)
 

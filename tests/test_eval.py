@@ -86,7 +86,15 @@ def test_eval_during_training_is_logged(run):
     assert tags["samples"] == "image" and tags["eval/guided/pre_error"] == "simple_value"
 
 
-def test_eval_py_sharded_over_8_devices_equals_one_device(run, tmp_path):
+@pytest.fixture(scope="module")
+def single(run):
+    """The same evaluation in this process, on its one device."""
+    return evaluate.evaluate([evaluate.load_decoder(run["workdir"]), evaluate.load_decoder(run["sd"])],
+                             evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE),
+                             image_size=SIZE, batch_size=8, lpips=LPIPS(run["lpips"]))
+
+
+def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *eval_args(run, tmp_path / "out")],
@@ -103,9 +111,6 @@ def test_eval_py_sharded_over_8_devices_equals_one_device(run, tmp_path):
     assert trained["guided"]["pre_error"] < trained["plain"]["pre_error"]   # what the branch is for
     assert trained["guided"]["psnr/known"] > trained["plain"]["psnr/known"]
 
-    single = evaluate.evaluate([evaluate.load_decoder(run["workdir"]), evaluate.load_decoder(run["sd"])],
-                               evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE),
-                               image_size=SIZE, batch_size=8, lpips=LPIPS(run["lpips"]))
     assert single["decoders"].keys() == sharded["decoders"].keys()
     for name, modes in single["decoders"].items():
         for mode, row in modes.items():
@@ -114,28 +119,26 @@ def test_eval_py_sharded_over_8_devices_equals_one_device(run, tmp_path):
                 assert v == pytest.approx(sharded["decoders"][name][mode][k], rel=1e-5, abs=1e-6), (name, mode, k)
 
 
-def test_outside_latents_decode_like_the_encoder(run, tmp_path):
+def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
     decoder = evaluate.load_decoder(run["workdir"])
-    images = evaluate.dataset_images(run["photos"], limit=4)
-    masks = load_masks(run["masks"], SIZE)
+    images, masks = evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE)
     vae = nnx.merge(decoder.graphdef, *decoder.states)
-    scale = vae.config.scaling_factor
-    for i, (batch, names) in enumerate(evaluate.eval_batches(images, masks, SIZE, 4)):
-        z = np.asarray(vae.encode(batch["image"]).mode()) * scale       # as a diffusion pipeline hands them over
+    for batch, names in evaluate.eval_batches(images, masks, SIZE, 8):
+        z = np.asarray(vae.encode(batch["image"]).mode()) * vae.config.scaling_factor  # as pipelines hand them over
         for j, name in enumerate(names):
+            nchw = np.ascontiguousarray(z[j].transpose(2, 0, 1))   # diffusers' layout
             if j % 2:
-                np.save(tmp_path / f"{name}.npy", z[j].transpose(2, 0, 1)[None])   # NCHW with a batch axis
+                np.save(tmp_path / f"{name}.npy", nchw[None])
             else:
-                save_file({"latents": z[j]}, str(tmp_path / f"{name}.safetensors"))  # NHWC
-    common = dict(image_size=SIZE, batch_size=4)
-    want = evaluate.evaluate([decoder], images, masks, **common)["decoders"]["workdir"]
-    got = evaluate.evaluate([decoder], images, masks, latents=str(tmp_path), **common)["decoders"]["workdir"]
+                save_file({"latents": nchw}, str(tmp_path / f"{name}.safetensors"))
+    got = evaluate.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
+    want = single["decoders"]["workdir"]
     for mode in ("plain", "guided"):
-        for k in want[mode]:
-            assert got[mode][k] == pytest.approx(want[mode][k], rel=1e-4, abs=1e-6), (mode, k)
+        for k, v in got["decoders"]["workdir"][mode].items():
+            assert v == pytest.approx(want[mode][k], rel=1e-4, abs=1e-6), (mode, k)
     os.remove(tmp_path / f"{images[0][0]}.safetensors")
     with pytest.raises(FileNotFoundError, match=f"no latents for image '{images[0][0]}'"):
-        evaluate.evaluate([decoder], images, masks, latents=str(tmp_path), **common)
+        evaluate.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
 
 
 def test_bad_input_is_named(run, tmp_path):
