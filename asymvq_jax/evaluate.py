@@ -225,7 +225,7 @@ def _offer(extremes, d, global_batch, outs, vals, valid, names):
     scores = np.asarray(vals[mode]["psnr/whole"])
     for i in np.flatnonzero(valid):
         masked = x[i] * (1 - mask[i]) - mask[i]  # holes shown black
-        extremes.offer(float(scores[i]), names[i], [x[i], masked] + [np.asarray(outs[m][i]) for m in outs])
+        extremes.offer(float(scores[i]), names[i], [x[i], masked] + [np.asarray(outs[m][i]) for m in MODES if m in outs])
 
 
 def _progress(total, enabled):
