@@ -74,6 +74,7 @@ def tensorboard_tags(logdir):
     return tags
 
 
+@pytest.mark.slow
 def test_eval_during_training_is_logged(run):
     records = [json.loads(line) for line in open(os.path.join(run["workdir"], "metrics.jsonl"))]
     evals = {r["step"]: r for r in records if any(k.startswith("eval/") for k in r)}
@@ -94,6 +95,7 @@ def single(run):
                              image_size=SIZE, batch_size=8, lpips=LPIPS(run["lpips"]))
 
 
+@pytest.mark.slow
 def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT,
            "JAX_PLATFORMS": "cpu"}
@@ -119,6 +121,7 @@ def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path)
                 assert v == pytest.approx(sharded["decoders"][name][mode][k], rel=1e-5, abs=1e-6), (name, mode, k)
 
 
+@pytest.mark.slow
 def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
     decoder = evaluate.load_decoder(run["workdir"])
     images, masks = evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE)
@@ -141,6 +144,7 @@ def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
         evaluate.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_bad_input_is_named(run, tmp_path):
     from eval import main
     with pytest.raises(FileNotFoundError, match="missing_ckpt"):
