@@ -29,6 +29,12 @@ def default_config() -> ml_collections.ConfigDict:
         "source": "tfds", "name": "imagenet2012", "split": "train", "data_dir": None, "path": "",
         "mask": "thick_256", "all_ones_prob": 0.5})
 
+    # Every eval_every steps (0 = never): the eval metrics on a fixed split, TFDS `split` or the images of
+    # `path` (default: the training images, then not held out), with the shipped `masks` set.
+    c.eval_every = 5000
+    c.eval = ml_collections.ConfigDict({"num_images": 32, "split": "validation", "path": "", "masks": "thick_256",
+                                        "batch_size": 0})   # 0 = config.batch_size
+
     c.log_every, c.sample_every = 50, 1000
     c.checkpoint_every, c.keep_checkpoints = 1000, 3
     return c

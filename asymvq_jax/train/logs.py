@@ -60,6 +60,11 @@ class MetricWriter:
             self.tb.add_scalar(name, value, step)
         self.jsonl.write(json.dumps({"step": step, **scalars}))
 
+    def image(self, step: int, name: str, png_path: str) -> None:
+        """Sends a saved PNG (e.g. the sample grid) to TensorBoard."""
+        if self.active:
+            self.tb.add_image(name, np.asarray(Image.open(png_path).convert("RGB")), step, dataformats="HWC")
+
     def close(self) -> None:
         if self.active:
             self.tb.close()

@@ -12,9 +12,11 @@ import numpy as np
 from asymvq_jax import checkpoint, parallel, paths
 from asymvq_jax.data import batch_for_step, make_train_iterator
 from asymvq_jax.data.masks import example_rng, lama_mask
+from asymvq_jax.evaluate import make_train_evaluator
+from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import logs
 from asymvq_jax.train.state import build, count, model_config
-from asymvq_jax.train.step import known_region_mse, make_sample_fn, make_train_step
+from asymvq_jax.train.step import make_sample_fn, make_train_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -92,6 +94,8 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
                       in_shardings=(rep, rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
                       donate_argnums=0)
     sample_fn = jax.jit(make_sample_fn(graphdefs))
+    evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
+    evaluator = make_train_evaluator(config, graphdefs) if evaluate_now else None
     grid_images, grid_masks = sample_batch(config)
 
     # ---- loop
@@ -125,12 +129,19 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
             flush()  # never save or show a step whose losses were not checked
         if step % config.sample_every == 0 or step == config.total_steps:
             writer.write(step, write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks))
+            writer.image(step, "samples", sample_path(workdir, step))
+        if evaluator is not None and step % config.eval_every == 0:
+            writer.write(step, evaluator(state.get("ema", state["params"]), consts))
         checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
                         force=stop or step == config.total_steps)
         if stop:
             break
     flush()
     return last
+
+
+def sample_path(workdir: str, step: int) -> str:
+    return paths.join(workdir, "samples", f"step_{step:07d}.png")
 
 
 def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:
@@ -140,6 +151,6 @@ def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dic
     plain, guided = jax.device_get(sample_fn(params, consts, images, masks))
     if jax.process_index() == 0:
         masked = images * (1 - masks) + masks * -1.0  # holes shown black
-        logs.save_grid(paths.join(workdir, "samples", f"step_{step:07d}.png"), [images, masked, plain, guided])
-    return {f"samples/known_mse_{name}": float(known_region_mse(images, out, masks))
+        logs.save_grid(sample_path(workdir, step), [images, masked, plain, guided])
+    return {f"samples/known_mse_{name}": float(np.mean(pre_error(images, out, masks)))
             for name, out in (("plain", plain), ("guided", guided))}
