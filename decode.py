@@ -41,12 +41,13 @@ def main(argv=None) -> int:
 
     from asymvq_jax import inference
     try:
-        vae = inference.load_model(args.model, dtype=args.dtype, step=args.step, allow_pickle=args.allow_pickle)
+        model = dict(dtype=args.dtype, step=args.step, allow_pickle=args.allow_pickle)
         files = dict(image_path=args.image, mask_path=args.mask, out=args.out, tile=args.tile, progress=True)
         if args.command == "reconstruct":
-            written = inference.reconstruct_file(vae, **files)
+            written = inference.reconstruct_file(args.model, **files, **model)
         else:
-            written = inference.decode_file(vae, args.latents, scaled=args.scaled, key=args.key, **files)
+            written = inference.decode_file(args.model, args.latents, scaled=args.scaled, key=args.key, **files,
+                                            **model)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

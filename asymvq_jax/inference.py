@@ -251,18 +251,26 @@ def read_latents(path, channels: int, key: str | None = None) -> np.ndarray:
     return z.astype(np.float32)
 
 
-def reconstruct_file(vae, image_path, mask_path, out, **kw) -> list[str]:
-    """Writes input | masked input | plain decode | mask-guided decode side by side."""
+def reconstruct_file(model, image_path, mask_path, out, *, dtype=jnp.float32, step=None, allow_pickle=False,
+                     **kw) -> list[str]:
+    """Writes input | masked input | plain decode | mask-guided decode side by side.
+    `model`: a model or anything `load_model` takes, loaded once the inputs have passed their checks."""
     image, mask = read_image(image_path), read_mask(mask_path)
+    check_pair(image, mask)
+    vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
     plain, guided = reconstruct(vae, image, mask, **kw)
     write_image(out, np.concatenate([image, image * (1 - mask), plain, guided], axis=1))
     return [os.fspath(out)]
 
 
-def decode_file(vae, latents_path, image_path, mask_path, out, *, scaled: bool, key=None, **kw) -> list[str]:
+def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool, key=None, dtype=jnp.float32,
+                step=None, allow_pickle=False, **kw) -> list[str]:
     """Decodes every latent in the file against the image and mask; one PNG per latent."""
-    z = read_latents(latents_path, vae.config.latent_channels, key)
     image, mask = read_image(image_path), read_mask(mask_path)
+    check_pair(image, mask)
+    _existing(latents_path)
+    vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
+    z = read_latents(latents_path, vae.config.latent_channels, key)
     if scaled:
         z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
     images = decode_images(vae, z, image, mask, **kw)

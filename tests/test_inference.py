@@ -90,6 +90,24 @@ def test_chunked_attention_memory_is_linear_in_pixels():
     np.testing.assert_allclose(attend(q, k, v, chunk=256), full, atol=1e-5)
 
 
+def test_chunked_attention_matches_diffusers(monkeypatch):
+    """Parity of the whole model with 16-query chunks (36 latent pixels: three chunks, one padded)."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from asymvq_jax.models import blocks
+    from tests.torch_reference import diffusers_vae, flax_from_torch, to_nchw, to_nhwc
+    monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 16)
+    ref = diffusers_vae(SMALL)
+    ours = flax_from_torch(SMALL, ref)
+    x, mask, z = inputs(48)
+    with torch.no_grad(), jax.default_matmul_precision("highest"):
+        expected = to_nhwc(ref.decode(to_nchw(z), image=to_nchw(x), mask=to_nchw(mask)).sample)
+        mean = to_nhwc(ref.encode(to_nchw(x)).latent_dist.mean)
+        assert np.abs(np.asarray(ours.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask))) - expected).max() < 1e-4
+        assert np.abs(np.asarray(ours.encode(jnp.asarray(x)).mean) - mean).max() < 1e-4
+
+
 # -- tiling ------------------------------------------------------------------------------------
 
 def test_tile_starts_cover_with_overlap():

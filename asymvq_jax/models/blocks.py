@@ -46,6 +46,9 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
+ATTENTION_CHUNK = 1024  # queries per step: a 2048 px image (256x256 latent) holds 1024 x 65536 logits
+
+
 class Attention(nnx.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
@@ -59,7 +62,7 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         y = self.group_norm(x).reshape(b, h * w, c)
-        y = self.to_out[0](attend(self.to_q(y), self.to_k(y), self.to_v(y)))
+        y = self.to_out[0](attend(self.to_q(y), self.to_k(y), self.to_v(y), ATTENTION_CHUNK))
         return x + y.reshape(b, h, w, c)
 
 
