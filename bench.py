@@ -6,8 +6,10 @@ same (random) weights, side by side in one process, and of the training step.
   python bench.py --quick             # x1.5 at 256 px, fp32, batch 1: a few minutes on a 2-core CPU
   python bench.py --models asym-x1.5 --sizes 256 --ops guided --reps 5 --json out.json
 
-Ours and diffusers' runs alternate, so both see the same load. FLOPs come from the compiled
-computation (XLA's cost analysis); MFU divides them by the device's peak (see `peak_flops`).
+Ours and diffusers' runs alternate, so both see the same load; "speedup" is diffusers' wall time
+over ours, "CPU-time" the same ratio of this process's CPU seconds (steadier on a shared machine).
+FLOPs come from the compiled computation (XLA's cost analysis); MFU divides them by the device's
+peak (see `peak_flops`).
 """
 
 import argparse
@@ -117,15 +119,17 @@ def torch_fn(ref, op: str, x, mask, z, dtype: str):
 
 
 def side_by_side(runs: dict, reps: int) -> dict[str, list[float]]:
-    """Warm-up, then `reps` rounds in which every contender runs once, in turn."""
-    times = {name: [] for name in runs}
+    """Warm-up, then `reps` rounds in which every contender runs once, in turn. Records wall time,
+    and this process's CPU time (`<name>_cpu`): on a shared machine the second shows the work done."""
+    times = {key: [] for name in runs for key in (name, f"{name}_cpu")}
     for name, run in runs.items():
         run()
     for _ in range(reps):
         for name, run in runs.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.perf_counter() - wall)
+            times[f"{name}_cpu"].append(time.process_time() - cpu)
     return times
 
 
@@ -153,11 +157,13 @@ def row(op, size, dtype, batch, times, compile_s, compiled, device) -> dict:
            "gflops": flops / 1e9 if flops else None,
            "mfu": flops / latency / peak if flops and peak else None,
            "ours_peak_mib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20
-           if mem is not None else None, "ours_times_s": times["ours"]}
+           if mem is not None else None, "ours_times_s": times["ours"], "ours_cpu_s": times["ours_cpu"]}
     if "diffusers" in times:
         ref = statistics.median(times["diffusers"])
+        cpu_ratio = statistics.median(times["diffusers_cpu"]) / statistics.median(times["ours_cpu"])
         out.update(diffusers_latency_s=ref, diffusers_images_per_s=batch / ref, speedup=ref / latency,
-                   diffusers_times_s=times["diffusers"])
+                   cpu_time_speedup=cpu_ratio, diffusers_times_s=times["diffusers"],
+                   diffusers_cpu_s=times["diffusers_cpu"])
     return out
 
 
@@ -186,14 +192,14 @@ def table(rows) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
     head = (f"{'model':10} {'op':7} {'px':>4} {'dtype':8} {'B':>2} | {'img/s':>7} {'lat s':>7} {'compile':>7} "
-            f"{'GFLOP':>7} {'MFU':>6} {'MiB':>6} | {'diff img/s':>10} {'speedup':>7}")
+            f"{'GFLOP':>7} {'MFU':>6} {'MiB':>6} | {'diff img/s':>10} {'speedup':>7} {'CPU-time':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['model']:10} {r['op']:7} {r['size']:4d} {r['dtype']:8} {r['batch']:2d} | "
                      f"{r['ours_images_per_s']:7.3f} {r['ours_latency_s']:7.3f} {r['compile_s']:7.1f} "
                      f"{fmt(r['gflops'], '7.0f')} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}% "
                      f"{fmt(r['ours_peak_mib'], '6.0f')} | {fmt(r.get('diffusers_images_per_s'), '10.3f')} "
-                     f"{fmt(r.get('speedup'), '6.2f')}x")
+                     f"{fmt(r.get('speedup'), '6.2f')}x {fmt(r.get('cpu_time_speedup'), '7.2f')}x")
     return "\n".join(lines)
 
 
@@ -213,7 +219,8 @@ def main(argv=None) -> int:
     import torch
     device = jax.devices()[0]
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    result = {"device": f"{device.platform} {device.device_kind}", "machine": platform.processor() or platform.machine(),
+    result = {"device": f"{device.platform} {device.device_kind}",
+              "machine": platform.processor() or platform.machine(),
               "threads": len(os.sched_getaffinity(0)), "jax": jax.__version__, "torch": torch.__version__,
               "peak_assumed": {d: peak_flops(device, d)[1] for d in choice["dtypes"]},
               "load_before": os.getloadavg(), "rows": []}

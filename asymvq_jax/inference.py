@@ -15,8 +15,6 @@ from PIL import Image
 
 from asymvq_jax.models import AutoencoderKL
 
-MULTIPLE = 8  # the encoder's downscale: images are padded to a multiple of it
-
 
 # -- the model ---------------------------------------------------------------------------------
 
@@ -179,11 +177,11 @@ def _existing(path):
     return path
 
 
-def pad_to_multiple(x: np.ndarray, multiple: int = MULTIPLE, mode: str = "reflect") -> np.ndarray:
-    """Pads [.., H, W, C] at the bottom and right so H and W are multiples of `multiple`."""
-    h, w = x.shape[-3:-1]
-    pads = [(0, 0)] * (x.ndim - 3) + [(0, -h % multiple), (0, -w % multiple), (0, 0)]
-    return np.pad(x, pads, mode=mode if min(h, w) > multiple else "edge")
+def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Mirrors [H, W, C] past the bottom and right edges so H and W are multiples of `multiple`."""
+    h, w = x.shape[:2]
+    pads = [(0, -h % multiple), (0, -w % multiple), (0, 0)]
+    return np.pad(x, pads, mode="reflect" if min(h, w) > multiple else "edge")
 
 
 # -- whole images of any size ------------------------------------------------------------------
@@ -206,7 +204,7 @@ def decode_images(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int | N
     else:
         check_pair(image, mask)
         size = image.shape[:2]
-        cond = (pad_to_multiple(image)[None], pad_to_multiple(mask)[None])
+        cond = (pad_to_multiple(image, vae.downscale)[None], pad_to_multiple(mask, vae.downscale)[None])
     expected = (-(-size[0] // vae.downscale), -(-size[1] // vae.downscale), latent)
     if z.ndim != 4 or z.shape[1:] != expected:
         raise ValueError(f"latents have shape {z.shape}; a {size[1]}x{size[0]} image needs "
@@ -222,7 +220,7 @@ def reconstruct(vae: AutoencoderKL, image: np.ndarray, mask: np.ndarray, *, tile
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Encodes one image [H, W, 3] of any size; returns its plain and mask-guided decodes."""
     check_pair(image, mask)
-    z = encode(vae, pad_to_multiple(image)[None])
+    z = encode(vae, pad_to_multiple(image, vae.downscale)[None])
     plain = decode_images(vae, z, tile=tile, progress=progress)[0, :image.shape[0], :image.shape[1]]
     return plain, decode_images(vae, z, image, mask, tile=tile, progress=progress)[0]
 

@@ -14,8 +14,8 @@ def test_bench_quick_writes_json(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "bench.json"
     # --quick, shrunk to 64 px and one round so that it fits the test budget.
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--sizes", "64", "--models", "asym-base", "--reps", "1",
-                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+    args = ["--quick", "--sizes", "64", "--models", "asym-base", "--reps", "1", "--json", str(out)]
+    run = subprocess.run([sys.executable, "bench.py", *args], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": ROOT}, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(out.read_text())
