@@ -5,10 +5,9 @@ H, H, H/2, H/4 and H/8. The blend replaces the known region (m = 0) of a decoder
 with the branch feature of the same size, so the decoder only has to generate the hole.
 """
 
-import jax.numpy as jnp
 from flax import nnx
 
-from asymvq_jax.models.blocks import Dtypes, conv_with
+from asymvq_jax.models.blocks import Dtypes
 
 
 def branch_widths(first: int, last: int) -> list[int]:
@@ -32,24 +31,9 @@ class MaskConditionEncoder(nnx.Module):
         for k, layer in enumerate(self.layers):
             if k:
                 x = nnx.relu(x)
-            x = layer(x) if k < 2 else strided_conv(layer, x)
+            x = layer(x)
             features.append(x)
         return features
-
-
-def strided_conv(conv: nnx.Conv, x):
-    """The 4x4 stride-2 pad-1 conv as a 2x2 stride-1 conv over 2x2 pixel blocks stacked as channels:
-    the same multiplies, in the form CPU convolution kernels run fastest."""
-    c = x.shape[-1]
-    blocks = _space_to_depth(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))))
-    k = conv.kernel[...]  # [4, 4, c, o] -> [2, 2, (2, 2, c), o], matching the block layout
-    kernel = k.reshape(2, 2, 2, 2, c, -1).transpose(0, 2, 1, 3, 4, 5).reshape(2, 2, 4 * c, -1)
-    return conv_with(conv, blocks, kernel, "VALID")
-
-
-def _space_to_depth(x):
-    n, h, w, c = x.shape
-    return x.reshape(n, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h // 2, w // 2, 4 * c)
 
 
 def downsample_mask(mask, size: int):
