@@ -189,7 +189,7 @@ def test_reconstruct_cli_writes_side_by_side(files, vae, tmp_path):
     out = tmp_path / "rec.png"
     run = subprocess.run([sys.executable, "decode.py", "reconstruct", "--model", files["model"], "--image",
                           files["image"], "--mask", files["mask"], "--out", str(out)],
-                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     written = np.asarray(Image.open(out)).astype(int)
     assert written.shape == (101, 4 * 130, 3)
