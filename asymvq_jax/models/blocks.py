@@ -46,6 +46,9 @@ class ResnetBlock(nnx.Module):
         return x + h
 
 
+ATTENTION_CHUNK = 1024  # queries per step: a 2048 px image (256x256 latent) holds 1024 x 65536 logits
+
+
 class Attention(nnx.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
@@ -59,12 +62,26 @@ class Attention(nnx.Module):
     def __call__(self, x):
         b, h, w, c = x.shape
         y = self.group_norm(x).reshape(b, h * w, c)
-        q, k, v = self.to_q(y), self.to_k(y), self.to_v(y)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k) / jnp.sqrt(c).astype(q.dtype)
+        y = self.to_out[0](attend(self.to_q(y), self.to_k(y), self.to_v(y), ATTENTION_CHUNK))
+        return x + y.reshape(b, h, w, c)
+
+
+def attend(q, k, v, chunk: int = 1024):
+    """softmax(q k^T / sqrt(c)) v, `chunk` queries at a time: the logits take chunk x HW, not HW x HW."""
+    b, n, c = q.shape
+
+    def rows(qc):
+        logits = jnp.einsum("bqc,bkc->bqk", qc, k) / jnp.sqrt(c).astype(qc.dtype)
         # Softmax in float32 even under bf16 compute, as diffusers upcasts it.
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = self.to_out[0](jnp.einsum("bqk,bkc->bqc", weights, v))
-        return x + y.reshape(b, h, w, c)
+        return jnp.einsum("bqk,bkc->bqc", weights, v)
+
+    if n <= chunk:
+        return rows(q)
+    pad = -n % chunk
+    chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, c).swapaxes(0, 1)
+    out = jax.lax.map(rows, chunks)
+    return out.swapaxes(0, 1).reshape(b, n + pad, c)[:, :n]
 
 
 class Downsample(nnx.Module):
@@ -78,13 +95,33 @@ class Downsample(nnx.Module):
 
 
 class Upsample(nnx.Module):
-    """Nearest x2, then a 3x3 conv."""
+    """Nearest x2, then a 3x3 conv; computed as four 2x2 convs on the small input, one per output
+    phase (the taps that land on the same input pixel summed): 4/9 of the multiplies."""
 
     def __init__(self, channels, dt: Dtypes, rngs):
         self.conv = dt.conv(channels, channels, 3, rngs)
 
     def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+        n, h, w, _ = x.shape
+        rows = []
+        for p, row_kernel in enumerate(_phase_taps(self.conv.kernel[...], axis=0)):
+            rows.append(jnp.stack([conv_with(self.conv, x, kernel, ((1 - p, p), (1 - q, q)))
+                                   for q, kernel in enumerate(_phase_taps(row_kernel, axis=1))], axis=3))
+        return jnp.stack(rows, axis=2).reshape(n, 2 * h, 2 * w, -1)
+
+
+def _phase_taps(kernel, axis):
+    """A 3-tap kernel axis on the upsampled grid -> 2 taps on the input, for output phases 0 and 1."""
+    t0, t1, t2 = (jnp.take(kernel, k, axis=axis) for k in range(3))
+    return jnp.stack([t0, t1 + t2], axis), jnp.stack([t0 + t1, t2], axis)
+
+
+def conv_with(conv: nnx.Conv, x, kernel, padding, strides=(1, 1)):
+    """`conv`'s dtype, precision and bias around another kernel (a reformulation of its own)."""
+    x, kernel, bias = conv.promote_dtype((x, kernel, conv.bias[...]), dtype=conv.dtype)
+    y = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                     precision=conv.precision)
+    return y + bias
 
 
 def call_block(block, x, remat: bool):

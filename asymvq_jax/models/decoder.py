@@ -27,7 +27,14 @@ class Decoder(nnx.Module):
 
     def features(self, z, image=None, mask=None):
         """Everything before conv_out: the adaptive GAN weight differentiates through conv_out alone."""
-        h = self.mid_block(self.conv_in(z), self.remat)
+        return self.up(self.mid(z), image, mask)
+
+    def mid(self, z):
+        """conv_in and the mid block, at latent resolution (the one global attention)."""
+        return self.mid_block(self.conv_in(z), self.remat)
+
+    def up(self, h, image=None, mask=None):
+        """The up levels from the mid block's output, with the blends, then the output norm and SiLU."""
         if image is None:
             for block in self.up_blocks:
                 h = block(h, self.remat)

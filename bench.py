@@ -1,0 +1,251 @@
+#!/usr/bin/env python
+"""Speed of our jitted encode / decode / mask-guided decode against diffusers' PyTorch models with the
+same (random) weights, side by side in one process, and of the training step.
+
+  python bench.py                     # every preset, 256 and 512 px, fp32 and bf16, batch 1 and 4
+  python bench.py --quick             # x1.5 at 256 px, fp32, batch 1: a few minutes on a 2-core CPU
+  python bench.py --models asym-x1.5 --sizes 256 --ops guided --reps 5 --json out.json
+
+Ours and diffusers' runs alternate, so both see the same load; "speedup" is diffusers' wall time
+over ours, "CPU-time" the same ratio of this process's CPU seconds (steadier on a shared machine).
+FLOPs come from the compiled computation (XLA's cost analysis); MFU divides them by the device's
+peak (see `peak_flops`).
+"""
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ALL = dict(models="sd,asym-base,asym-x1.5,asym-x2", sizes="256,512", dtypes="float32,bfloat16", batches="1,4",
+           ops="encode,decode,guided,train")
+QUICK = dict(models="asym-x1.5", sizes="256", dtypes="float32", batches="1", ops="encode,guided")
+
+# Dense peak FLOP/s by device kind and dtype (vendor figures; fp32 on GPUs without TF32).
+PEAKS = {"TPU v4": {"bfloat16": 275e12}, "TPU v5 lite": {"bfloat16": 197e12}, "TPU v5e": {"bfloat16": 197e12},
+         "TPU v5p": {"bfloat16": 459e12}, "TPU v6 lite": {"bfloat16": 918e12}, "TPU v6e": {"bfloat16": 918e12},
+         "NVIDIA H100": {"bfloat16": 989e12, "float32": 67e12}, "NVIDIA H200": {"bfloat16": 989e12, "float32": 67e12}}
+
+
+def peak_flops(device, dtype: str) -> tuple[float | None, str]:
+    """(peak FLOP/s, what it assumes). CPU fp32: cores x clock x 32 (AVX-512: two 16-lane FMA units)."""
+    for kind, peaks in PEAKS.items():
+        if device.device_kind.startswith(kind):
+            return peaks.get(dtype), f"{kind} {dtype} dense peak"
+    if device.platform == "cpu" and dtype == "float32":
+        ghz = _cpu_ghz()
+        if ghz:
+            cores = len(os.sched_getaffinity(0))
+            return cores * ghz * 1e9 * 32, f"{cores} cores x {ghz:.2f} GHz x 32 fp32 FLOP/cycle (AVX-512, 2 FMA)"
+    return None, "unknown"
+
+
+def _cpu_ghz() -> float | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz = [float(line.split(":")[1]) for line in f if line.startswith("cpu MHz")]
+        return max(mhz) / 1e3 if mhz else None
+    except OSError:
+        return None
+
+
+# -- models ------------------------------------------------------------------------------------
+
+def models(name: str, seed: int = 0):
+    """diffusers' model with random weights (torch's init) and ours holding the same weights."""
+    import diffusers
+    import torch
+
+    from asymvq_jax.convert import build_model, diffusers_to_flax_params
+    from asymvq_jax.models import preset
+    config = preset(name)
+    torch.manual_seed(seed)
+    cfg = config.to_diffusers_config()
+    cls = getattr(diffusers, cfg.pop("_class_name"))
+    if cfg.get("shift_factor") is None:
+        cfg.pop("shift_factor", None)
+    ref = cls(**cfg).eval()
+    ours = build_model(config, diffusers_to_flax_params({k: v.numpy() for k, v in ref.state_dict().items()}))
+    return ref, ours
+
+
+def inputs(batch: int, size: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
+    mask = np.zeros((batch, size, size, 1), np.float32)
+    mask[:, size // 4: 3 * size // 4, size // 8: size // 2] = 1.0
+    z = rng.normal(size=(batch, size // 8, size // 8, 4)).astype(np.float32)
+    return x, mask, z
+
+
+# -- one case ----------------------------------------------------------------------------------
+
+def ours_fn(vae, op: str, x, mask, z):
+    """(run(), compiled) for one op, compiled ahead of time so compile time, FLOPs and memory are its own."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from asymvq_jax import inference
+    graphdef, state = nnx.split(vae)
+    dtype = inference.compute_dtype(vae)
+    x, mask, z = (jnp.asarray(a, dtype) for a in (x, mask, z))
+    fn, args = {"encode": (inference._encode, (x,)), "decode": (inference._decode, (z, None, None)),
+                "guided": (inference._decode, (z, x, mask))}[op]
+    compiled = fn.lower(graphdef, state, *args).compile()
+    return (lambda: compiled(state, *args).block_until_ready()), compiled
+
+
+def torch_fn(ref, op: str, x, mask, z, dtype: str):
+    import torch
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if device != "cpu" or tdtype != torch.float32:
+        ref = copy.deepcopy(ref).to(device, tdtype)
+    x, mask, z = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()).to(device, tdtype) for a in (x, mask, z))
+    call = {"encode": lambda: ref.encode(x).latent_dist.mode(), "decode": lambda: ref.decode(z).sample,
+            "guided": lambda: ref.decode(z, image=x, mask=mask).sample}[op]
+
+    def run():
+        with torch.no_grad():
+            call()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return run
+
+
+def side_by_side(runs: dict, reps: int) -> dict[str, list[float]]:
+    """Warm-up, then `reps` rounds in which every contender runs once, in turn. Records wall time,
+    and this process's CPU time (`<name>_cpu`): on a shared machine the second shows the work done."""
+    times = {key: [] for name in runs for key in (name, f"{name}_cpu")}
+    for name, run in runs.items():
+        run()
+    for _ in range(reps):
+        for name, run in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            run()
+            times[name].append(time.perf_counter() - wall)
+            times[f"{name}_cpu"].append(time.process_time() - cpu)
+    return times
+
+
+def bench_case(ref, vae, op, size, dtype, batch, reps, device, with_diffusers) -> dict:
+    from asymvq_jax import inference
+    vae = inference.load_model(vae, dtype=dtype)
+    x, mask, z = inputs(batch, size)
+    start = time.perf_counter()
+    ours, compiled = ours_fn(vae, op, x, mask, z)
+    compile_s = time.perf_counter() - start
+    runs = {"ours": ours}
+    if with_diffusers:
+        runs["diffusers"] = torch_fn(ref, op, x, mask, z, dtype)
+    times = side_by_side(runs, reps)
+    return row(op, size, dtype, batch, times, compile_s, compiled, device)
+
+
+def row(op, size, dtype, batch, times, compile_s, compiled, device) -> dict:
+    latency = statistics.median(times["ours"])
+    flops = (compiled.cost_analysis() or {}).get("flops") if compiled is not None else None
+    peak, _ = peak_flops(device, dtype)
+    mem = compiled.memory_analysis() if compiled is not None else None
+    out = {"op": op, "size": size, "dtype": dtype, "batch": batch, "ours_latency_s": latency,
+           "ours_images_per_s": batch / latency, "compile_s": compile_s,
+           "gflops": flops / 1e9 if flops else None,
+           "mfu": flops / latency / peak if flops and peak else None,
+           "ours_peak_mib": (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**20
+           if mem is not None else None, "ours_times_s": times["ours"], "ours_cpu_s": times["ours_cpu"]}
+    if "diffusers" in times:
+        ref = statistics.median(times["diffusers"])
+        cpu_ratio = statistics.median(times["diffusers_cpu"]) / statistics.median(times["ours_cpu"])
+        out.update(diffusers_latency_s=ref, diffusers_images_per_s=batch / ref, speedup=ref / latency,
+                   cpu_time_speedup=cpu_ratio, diffusers_times_s=times["diffusers"],
+                   diffusers_cpu_s=times["diffusers_cpu"])
+    return out
+
+
+def bench_train(size, batch, reps, device) -> dict:
+    """The x1.5 decoder training step (the default recipe) at `size` px."""
+    import jax
+
+    from asymvq_jax.train.config import default_config
+    from asymvq_jax.train.state import build
+    from asymvq_jax.train.step import make_train_step
+    config = default_config()
+    config.model.preset, config.image_size, config.batch_size = "asym-x1.5", size, batch
+    graphdefs, state, consts, tx, disc_tx = build(config)
+    x, mask, _ = inputs(batch, size)
+    batch_in = {"image": x, "mask": mask}
+    start = time.perf_counter()
+    compiled = jax.jit(make_train_step(config, graphdefs, tx, disc_tx)).lower(state, consts, batch_in).compile()
+    compile_s = time.perf_counter() - start
+    times = side_by_side({"ours": lambda: jax.block_until_ready(compiled(state, consts, batch_in))}, reps)
+    return row("train", size, "float32", batch, times, compile_s, compiled, device)
+
+
+# -- report ------------------------------------------------------------------------------------
+
+def table(rows) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+    head = (f"{'model':10} {'op':7} {'px':>4} {'dtype':8} {'B':>2} | {'img/s':>7} {'lat s':>7} {'compile':>7} "
+            f"{'GFLOP':>7} {'MFU':>6} {'MiB':>6} | {'diff img/s':>10} {'speedup':>7} {'CPU-time':>8}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:10} {r['op']:7} {r['size']:4d} {r['dtype']:8} {r['batch']:2d} | "
+                     f"{r['ours_images_per_s']:7.3f} {r['ours_latency_s']:7.3f} {r['compile_s']:7.1f} "
+                     f"{fmt(r['gflops'], '7.0f')} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}% "
+                     f"{fmt(r['ours_peak_mib'], '6.0f')} | {fmt(r.get('diffusers_images_per_s'), '10.3f')} "
+                     f"{fmt(r.get('speedup'), '6.2f')}x {fmt(r.get('cpu_time_speedup'), '7.2f')}x")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=f"defaults {QUICK} instead of {ALL}")
+    for flag in ALL:
+        parser.add_argument(f"--{flag}", default=None, help="comma-separated")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 3, quick 2)")
+    parser.add_argument("--no-diffusers", action="store_true", help="ours only")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    choice = {k: (getattr(args, k) or (QUICK if args.quick else ALL)[k]).split(",") for k in ALL}
+    reps = args.reps or (2 if args.quick else 3)
+
+    import jax
+    import torch
+    device = jax.devices()[0]
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    result = {"device": f"{device.platform} {device.device_kind}",
+              "machine": platform.processor() or platform.machine(),
+              "threads": len(os.sched_getaffinity(0)), "jax": jax.__version__, "torch": torch.__version__,
+              "peak_assumed": {d: peak_flops(device, d)[1] for d in choice["dtypes"]},
+              "load_before": os.getloadavg(), "rows": []}
+    for name in choice["models"]:
+        ref, vae = models(name)
+        for op in choice["ops"]:
+            if op == "train" or (op == "guided" and not vae.config.asymmetric):
+                continue
+            for size in map(int, choice["sizes"]):
+                for dtype in choice["dtypes"]:
+                    for batch in map(int, choice["batches"]):
+                        r = bench_case(ref, vae, op, size, dtype, batch, reps, device, not args.no_diffusers)
+                        result["rows"].append({"model": name, **r})
+                        print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
+    if "train" in choice["ops"]:
+        batch = max(map(int, choice["batches"]))
+        result["rows"].append({"model": "asym-x1.5", **bench_train(256, batch, reps, device)})
+    result["load_after"] = os.getloadavg()
+    print(table(result["rows"]))
+    print(f"device {result['device']}; peak assumed {result['peak_assumed']}; "
+          f"load average {result['load_before'][0]:.1f} -> {result['load_after'][0]:.1f}")
+    with open(args.json, "w") as f:
+        json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

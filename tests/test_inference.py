@@ -1,0 +1,265 @@
+"""The inference module and decode.py: jit = eager, tiling, memory, files in and PNG out, bad input."""
+
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import decode as decode_cli
+from asymvq_jax import inference, save_pretrained
+from asymvq_jax.models import VAEConfig
+from asymvq_jax.models.blocks import attend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = VAEConfig(down_block_out_channels=(32, 32, 64, 64), layers_per_down_block=1,
+                  up_block_out_channels=(32, 64, 64, 64), layers_per_up_block=1, norm_num_groups=8)
+
+
+def random_model(config, seed=0):
+    """Random weights without running the initialisers op by op (slow on a busy CPU)."""
+    from asymvq_jax.convert.api import abstract_model, build_model, expected_shapes
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, shape in expected_shapes(abstract_model(config)[1]).items():
+        if len(shape) > 1:  # kernels: fan-in scaled
+            value = rng.normal(size=shape) / np.sqrt(np.prod(shape[:-1]))
+        else:  # norm scales near 1, biases near 0
+            value = (path[-1] == "scale") + 0.1 * rng.normal(size=shape)
+        params[path] = value.astype(np.float32)
+    return build_model(config, params)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return random_model(SMALL)
+
+
+def inputs(size, batch=1, seed=0, width=None):
+    width = width or size
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (1, size, width, 3)).astype(np.float32)
+    mask = np.zeros((1, size, width, 1), np.float32)
+    mask[:, size // 4: 3 * size // 4, width // 8: width // 2] = 1.0
+    z = rng.normal(size=(batch, size // 8, width // 8, 4)).astype(np.float32)
+    return x, mask, z
+
+
+# Not bit for bit: XLA fuses GroupNorm's statistics and normalisation differently from op-by-op
+# execution (seen: 6e-6 on outputs of magnitude ~2).
+JIT_TOL = 2e-5
+
+
+def test_jitted_equals_eager_and_compiles_once(vae):
+    x, mask, z = inputs(32, batch=3)
+    eager = vae.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask))  # batch-1 image against 3 latents
+    before = inference._decode._cache_size()
+    for seed in range(3):
+        z = inputs(32, batch=3, seed=seed)[2]
+        jitted = inference.decode(vae, z, x, mask)
+        if seed == 0:
+            np.testing.assert_allclose(jitted, eager, atol=JIT_TOL, rtol=0)
+    assert inference._decode._cache_size() == before + 1
+    np.testing.assert_allclose(inference.encode(vae, x), vae.encode(jnp.asarray(x)).mode(), atol=JIT_TOL, rtol=0)
+    np.testing.assert_allclose(inference.decode(vae, z), vae.decode(jnp.asarray(z)), atol=JIT_TOL, rtol=0)
+
+
+def test_bfloat16_compute(vae):
+    x, mask, z = inputs(32)
+    bf16 = inference.load_model(vae, dtype="bfloat16")
+    out = inference.decode(bf16, z, x, mask)
+    assert out.dtype == jnp.bfloat16
+    ref = inference.decode(vae, z, x, mask)
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.1 * float(jnp.max(jnp.abs(ref)))
+
+
+def test_chunked_attention_memory_is_linear_in_pixels():
+    n, c = 8192, 32  # a 90x90 latent: the full logits alone would take n*n*4 = 256 MiB
+    q = jax.ShapeDtypeStruct((1, n, c), jnp.float32)
+    temp = jax.jit(attend).lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+    assert temp < 3 * 1024 * n * 4, temp  # a few 1024-query chunks of logits
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 1100, 16)).astype(np.float32)) for _ in range(3))
+    full = jax.nn.softmax(jnp.einsum("bqc,bkc->bqk", q, k) / 4.0, axis=-1) @ v
+    np.testing.assert_allclose(attend(q, k, v, chunk=256), full, atol=1e-5)
+
+
+def test_chunked_attention_matches_diffusers(monkeypatch):
+    """Parity of the whole model with 16-query chunks (36 latent pixels: three chunks, one padded)."""
+    pytest.importorskip("diffusers")
+    import torch
+
+    from asymvq_jax.models import blocks
+    from tests.torch_reference import diffusers_vae, flax_from_torch, to_nchw, to_nhwc
+    monkeypatch.setattr(blocks, "ATTENTION_CHUNK", 16)
+    ref = diffusers_vae(SMALL)
+    ours = flax_from_torch(SMALL, ref)
+    x, mask, z = inputs(48)
+    with torch.no_grad():
+        expected = to_nhwc(ref.decode(to_nchw(z), image=to_nchw(x), mask=to_nchw(mask)).sample)
+        mean = to_nhwc(ref.encode(to_nchw(x)).latent_dist.mean)
+    with jax.default_matmul_precision("highest"):
+        assert np.abs(np.asarray(inference.decode(ours, z, x, mask)) - expected).max() < 1e-4
+        assert np.abs(np.asarray(inference.encode(ours, x)) - mean).max() < 1e-4
+
+
+# -- tiling ------------------------------------------------------------------------------------
+
+def test_tile_starts_cover_with_overlap():
+    for size, tile, overlap in [(28, 16, 4), (100, 64, 16), (64, 64, 16), (257, 32, 8)]:
+        starts = inference.tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] + min(tile, size) == size
+        assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
+
+
+# Measured on random weights, latents and image (printed with -s); the up levels' GroupNorms see one
+# tile each, and the mask covers each tile differently. A trained decoder on natural latents differs
+# less. Bounds: about 1.5x the values seen. (mean abs error away from seams, in the seam band, max there)
+BOUNDS = {"plain": (0.06, 0.12, 0.6), "guided": (0.2, 0.35, 3.0)}
+
+
+@pytest.mark.parametrize("kind", ["plain", "guided"])
+def test_tiled_decode_matches_untiled_without_seams(vae, kind):
+    x, mask, z = inputs(224)  # latent 28: two 16-tiles per axis, overlapping on latent rows 12..15
+    cond = (x, mask) if kind == "guided" else (None, None)
+    full = np.asarray(inference.decode(vae, z, *cond))
+    tiled = inference.decode_tiled(vae, z, *cond, tile=16, overlap=4)
+    err = np.abs(tiled - full).max(-1)[0]
+    seam = np.zeros(err.shape, bool)
+    seam[96:128], seam[:, 96:128] = True, True  # the overlap band (pixels), both axes
+    far, at_seam = err[~seam], err[seam]
+    print(f"{kind} tiled vs untiled: away from seams mean {far.mean():.4f} max {far.max():.4f}; seam band "
+          f"mean {at_seam.mean():.4f} max {at_seam.max():.4f} (output std {full.std():.2f})")
+    far_mean, seam_mean, seam_max = BOUNDS[kind]
+    assert far.mean() < far_mean and at_seam.mean() < seam_mean and at_seam.max() < seam_max
+    # No visible seam: the image does not step where a tile's contribution starts or ends.
+    step = np.abs(np.diff(tiled[0], axis=0)).mean((1, 2))
+    ref_step = np.abs(np.diff(full[0], axis=0)).mean((1, 2))
+    assert np.all(step[[95, 127]] < 1.5 * ref_step[[95, 127]] + 0.02), (step[[95, 127]], ref_step[[95, 127]])
+
+
+def test_2048px_tiled_decode_peak_memory(tmp_path):
+    """A mask-guided 2048x2048 decode in 512 px tiles, in a fresh process: peak RSS stays bounded."""
+    script = textwrap.dedent(f"""
+        import resource, numpy as np
+        from asymvq_jax import inference
+        from tests.test_inference import SMALL, random_model
+        vae = random_model(SMALL)
+        x = np.zeros((2048, 2048, 3), np.float32); m = np.zeros((2048, 2048, 1), np.float32); m[500:1500] = 1
+        z = np.random.default_rng(0).normal(size=(1, 256, 256, 4)).astype(np.float32)
+        y = inference.decode_images(vae, z, x, m, tile=64)
+        assert y.shape == (1, 2048, 2048, 3) and np.isfinite(y).all()
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+    """)
+    run = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    peak_mib = int(run.stdout.split()[-1])
+    print(f"2048x2048 tiled decode (small model): peak RSS {peak_mib} MiB")
+    assert peak_mib < 2500
+
+
+# -- files and the CLI -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, vae):
+    """A saved model, a bundled photo whose size is not a multiple of 8, and a binary mask."""
+    import skimage.data
+    root = tmp_path_factory.mktemp("cli")
+    model = save_pretrained(vae, str(root / "model"), format="diffusers")
+    photo = skimage.data.chelsea()[:101, :130]  # 101 x 130: padded to 104 x 136 inside
+    Image.fromarray(photo).save(root / "photo.png")
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[20:70, 30:90] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    return {"root": root, "model": model, "image": str(root / "photo.png"), "mask": str(root / "mask.png")}
+
+
+def to_uint8(x):
+    return np.clip(np.round((x + 1) * 127.5), 0, 255)
+
+
+def test_reconstruct_cli_writes_side_by_side(files, vae, tmp_path):
+    out = tmp_path / "rec.png"
+    run = subprocess.run([sys.executable, "decode.py", "reconstruct", "--model", files["model"], "--image",
+                          files["image"], "--mask", files["mask"], "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": ROOT}, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = np.asarray(Image.open(out)).astype(int)
+    assert written.shape == (101, 4 * 130, 3)
+    image, mask = inference.read_image(files["image"]), inference.read_mask(files["mask"])
+    plain, guided = inference.reconstruct(vae, image, mask)
+    expected = np.concatenate([image, image * (1 - mask), plain, guided], axis=1)
+    assert np.abs(written - to_uint8(expected)).max() <= 1
+
+
+def test_decode_cli_scaled_latents_in_torch_layout(files, vae, tmp_path):
+    image, mask = inference.read_image(files["image"]), inference.read_mask(files["mask"])
+    z = np.random.default_rng(1).normal(size=(2, 13, 17, 4)).astype(np.float32)
+    np.save(tmp_path / "z.npy", (z * SMALL.scaling_factor).transpose(0, 3, 1, 2))  # as a sampler saves them
+    out = tmp_path / "out.png"
+    assert decode_cli.main(["decode", "--model", files["model"], "--latents", str(tmp_path / "z.npy"), "--scaled",
+                            "--image", files["image"], "--mask", files["mask"], "--out", str(out)]) == 0
+    expected = inference.decode_images(vae, z, image, mask)
+    for i in range(2):
+        written = np.asarray(Image.open(tmp_path / f"out_{i}.png")).astype(int)
+        assert np.abs(written - to_uint8(expected[i])).max() <= 1
+    assert not out.exists()
+
+
+def bad_inputs(files, tmp_path):
+    np.save(tmp_path / "z.npy", np.zeros((1, 4, 13, 17), np.float32))
+    np.save(tmp_path / "z_bad.npy", np.zeros((1, 4, 12, 17), np.float32))
+    Image.fromarray(np.zeros((50, 60), np.uint8)).save(tmp_path / "small_mask.png")
+    grey = np.zeros((101, 130), np.uint8)
+    grey[10:20] = 128
+    Image.fromarray(grey).save(tmp_path / "grey_mask.png")
+    latents, out = ["--latents", str(tmp_path / "z.npy"), "--unscaled"], ["--out", str(tmp_path / "out.png")]
+    model, image, mask = ["--model", files["model"]], ["--image", files["image"]], ["--mask", files["mask"]]
+    return {
+        "missing image": (["reconstruct", *model, "--image", str(tmp_path / "nope.png"), *mask, *out], "nope.png"),
+        "missing model": (["reconstruct", "--model", str(tmp_path / "nomodel"), *image, *mask, *out], "nomodel"),
+        "latent shape": (["decode", *model, "--latents", str(tmp_path / "z_bad.npy"), "--unscaled", *image, *mask,
+                          *out], r"latents have shape \(1, 12, 17, 4\)"),
+        "mask size": (["decode", *model, *latents, *image, "--mask", str(tmp_path / "small_mask.png"), *out],
+                      "mask is 60x50 pixels but the image is 130x101"),
+        "non-binary mask": (["decode", *model, *latents, *image, "--mask", str(tmp_path / "grey_mask.png"), *out],
+                            "not binary"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing image", "missing model", "latent shape", "mask size", "non-binary mask"])
+def test_cli_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, capsys, case):
+    argv, message = bad_inputs(files, tmp_path)[case]
+    before = set(os.listdir(tmp_path))
+    assert decode_cli.main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert set(os.listdir(tmp_path)) == before
+
+
+def test_load_model_from_training_workdir(vae, tmp_path):
+    from asymvq_jax import checkpoint
+    from asymvq_jax.convert import model_params
+    params = model_params(vae)
+    tree = {}
+    for path, value in params.items():
+        node = tree.setdefault("train" if path[0] == "decoder" else "frozen", {})
+        if path[0] == "decoder":
+            node = node.setdefault("params", {})
+            path = path[1:]
+        for key in map(str, path[:-1]):
+            node = node.setdefault(key, {})
+        node[str(path[-1])] = value
+    mgr = checkpoint.manager(str(tmp_path))
+    checkpoint.save(mgr, 5, tree, force=True)
+    mgr.wait_until_finished()
+    checkpoint.write_model_config(str(tmp_path), SMALL)
+    loaded = inference.load_model(str(tmp_path))
+    x, mask, z = inputs(32)
+    np.testing.assert_array_equal(inference.decode(loaded, z, x, mask), inference.decode(vae, z, x, mask))
