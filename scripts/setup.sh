@@ -8,8 +8,9 @@ py=.venv/bin/python
 $py -m pip install -q --upgrade pip
 if [ "${1:-}" = test ]; then
   $py -m pip install -q -e ".[test]"
-  # lpips' own requirements would pull torchvision and with it a CUDA torch: take the package alone.
-  $py -m pip install -q --no-deps lpips==0.1.4
+  # lpips' and pytorch-fid's requirements would pull torchvision and with it a CUDA torch: take the
+  # packages alone; torchvision 0.28.0 is the release built for torch 2.13.
+  $py -m pip install -q --no-deps lpips==0.1.4 pytorch-fid==0.3.0 torchvision==0.28.0
 else
   $py -m pip install -q -e .
 fi

@@ -76,7 +76,16 @@ class MaskParams:
     max_boxes: int = 3
 
 
+# LaMa's configs/data_gen/random_{thin,medium,thick}_{256,512}.yaml.
 MASK_VARIANTS: dict[str, MaskParams] = {
+    "thin_256": MaskParams(base_size=256, min_strokes=4, max_strokes=50, max_width=10, max_len=40,
+                           box_weight=0.0),
+    "thin_512": MaskParams(base_size=512, min_strokes=4, max_strokes=70, max_width=20, max_len=100,
+                           box_weight=0.0),
+    "medium_256": MaskParams(base_size=256, min_strokes=4, max_strokes=5, max_width=50, max_len=100,
+                             margin=0, box_min_size=10, box_max_size=50, max_boxes=5),
+    "medium_512": MaskParams(base_size=512, min_strokes=4, max_strokes=10, max_width=100, max_len=200,
+                             margin=0, box_min_size=30, box_max_size=150, max_boxes=5),
     "thick_256": MaskParams(base_size=256),
     "thick_512": MaskParams(
         base_size=512, max_len=450, max_width=250, box_max_size=300, max_boxes=4

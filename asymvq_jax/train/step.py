@@ -6,6 +6,7 @@ import optax
 from flax import nnx
 
 from asymvq_jax.losses import gan
+from asymvq_jax.metrics import pre_error
 from asymvq_jax.train.state import merge_vae
 
 
@@ -14,16 +15,6 @@ def apply_disc(graphdef, params, stats, images):
     disc = nnx.merge(graphdef, params, stats)
     logits = disc(images)
     return logits, nnx.to_pure_dict(nnx.state(disc, nnx.Not(nnx.Param)))
-
-
-def region_mse(x, x_rec, region):
-    """Squared error per pixel and channel where `region` [B, H, W, 1] is 1."""
-    return jnp.sum(region * (x - x_rec) ** 2) / jnp.maximum(jnp.sum(region) * x.shape[-1], 1.0)
-
-
-def known_region_mse(x, x_rec, mask):
-    """SPEC's pre_error: squared error on the pixels the mask keeps (mask 0)."""
-    return region_mse(x, x_rec, 1.0 - mask)
 
 
 def all_finite(tree) -> jax.Array:
@@ -88,7 +79,7 @@ def make_train_step(config, graphdefs, tx, disc_tx):
 
         metrics = {"loss": loss, "kl": kl, "d_loss": d_loss, "disc_factor": factor, "logits_real": real,
                    "logits_fake": fake, "l1": jnp.mean(jnp.abs(x - x_rec)),
-                   "known_mse": known_region_mse(x, x_rec, mask), **aux}
+                   "known_mse": jnp.mean(pre_error(x, x_rec, mask)), **aux}
         # A non-finite step leaves the state as it was; the host stops the run on seeing it.
         ok = all_finite((metrics, grads, d_grads))
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {**state, "step": step + 1})
