@@ -21,21 +21,21 @@ def stage(preset: str, total_steps: int, lr: float):
     c = default_config()
     c.model.preset, c.model.overrides = preset, dict(WIDTHS)
     c.data.source = "bundled_photos"
-    c.image_size, c.batch_size = 64, 8
+    c.image_size, c.batch_size = 64, 4
     c.total_steps, c.lr, c.warmup_steps = total_steps, lr, 20
     # The discriminator stays off: in a few hundred steps its adaptive weight grows large and drives
     # the decoder away from the reconstruction (known-region error rose once it started).
     c.loss.disc_start = total_steps + 1
     c.disc.ndf = 32
-    c.log_every, c.sample_every, c.checkpoint_every = 25, 100, 100
+    c.log_every, c.sample_every, c.checkpoint_every = 25, 50, 50
     return c
 
 
 def get_config(arg=None):
     del arg
-    autoencoder = stage("sd", total_steps=500, lr=1e-3)
+    autoencoder = stage("sd", total_steps=300, lr=1e-3)
     autoencoder.train_encoder = True
-    asymmetric = stage("asym-base", total_steps=300, lr=1e-3)
+    asymmetric = stage("asym-base", total_steps=150, lr=1e-3)
     asymmetric.init_from = "autoencoder"  # the stage above: its encoder, frozen, and its decoder
     return ml_collections.ConfigDict({"stages": ("autoencoder", "asymmetric"),
                                       "autoencoder": autoencoder, "asymmetric": asymmetric})

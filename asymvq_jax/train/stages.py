@@ -26,6 +26,8 @@ def run(config, workdir: str) -> None:
         else:
             logging.info("training %s in %s", name or "", stage_dir)
             train(stage, stage_dir)
+            if not finished(stage_dir, stage.total_steps):
+                return  # preempted: the checkpoint is saved, and a restart resumes this stage
         if stage.data.source == "bundled_photos" and jax.process_index() == 0:
             print(f"\n{name or 'run'}: held-out photos at step {stage.total_steps}\n"
                   + held_out_table(stage, stage_dir)

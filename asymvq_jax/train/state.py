@@ -35,19 +35,21 @@ def dtypes(config):
 
 def init_vae(config) -> tuple[AutoencoderKL, set[str]]:
     """A fresh model, overwritten by every parameter of `config.init_from` with the same path
-    and shape. Returns the model and the dotted paths of the decoder parameters it took."""
+    and shape. Returns the model and the dotted paths of the trainable parameters it took."""
     vae = AutoencoderKL(model_config(config), rngs=nnx.Rngs(config.seed), remat=config.get("remat", False),
                         **dtypes(config))
     if not config.get("init_from"):
         return vae, set()
     source = dict(nnx.to_flat_state(nnx.state(load_source(config.init_from), nnx.Param)))
     state, trains = nnx.state(vae, nnx.Param), trainable(config)
-    taken, fresh = set(), []
+    taken, pretrained, fresh = [], set(), []
     for path, var in nnx.to_flat_state(state):
         src = source.get(path)
         if src is not None and src[...].shape == var[...].shape:
             var[...] = src[...].astype(var[...].dtype)
-            taken.add(dotted(path))
+            taken.append(dotted(path))
+            if trains(path, var):
+                pretrained.add(dotted(path))
         elif not trains(path, var):
             raise ValueError(f"init_from={config.init_from}: it does not fit the model at {dotted(path)}, "
                              "a frozen parameter (frozen parts must come whole from the checkpoint)")
@@ -56,7 +58,7 @@ def init_vae(config) -> tuple[AutoencoderKL, set[str]]:
     nnx.update(vae, state)
     logging.info("init_from %s: %d parameters loaded, %d trainable parameters fresh (%s)", config.init_from,
                  len(taken), len(fresh), sorted({".".join(p.split(".")[:2]) for p in fresh}) or "none")
-    return vae, {dotted(p) for p, v in nnx.to_flat_state(state) if dotted(p) in taken and trains(p, v)}
+    return vae, pretrained
 
 
 def load_source(path: str) -> AutoencoderKL:
