@@ -1,11 +1,11 @@
-"""Train the asymmetric decoder: python train.py --config configs/local.py [--workdir DIR] [--config.x=y]."""
+"""Train: python train.py --config configs/local.py [--workdir DIR] [--config.x=y]."""
 
 import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from asymvq_jax.train.loop import train
+from asymvq_jax.train.stages import run
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/local.py", "A configs/*.py file (get_config).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples; default runs/<config name>.")
@@ -16,8 +16,7 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     config_path = flags.FLAGS["config"].config_filename
     workdir = _WORKDIR.value or f"runs/{pathlib.Path(config_path).stem}"
-    metrics = train(_CONFIG.value, workdir)
-    logging.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
+    run(_CONFIG.value, workdir)
 
 
 if __name__ == "__main__":

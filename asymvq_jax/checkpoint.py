@@ -49,8 +49,8 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
     saved = mgr.restore(step, args=ocp.args.StandardRestore())
     mgr.close()
-    decoder = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
-    flat = {**flatten({"decoder": decoder}), **flatten(saved["frozen"])}
+    trained = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
+    flat = {**flatten(trained), **flatten(saved.get("frozen") or {})}
     return build_model(read_model_config(workdir), {str_to_path(k): v for k, v in flat.items()})
 
 

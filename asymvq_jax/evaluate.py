@@ -297,7 +297,7 @@ def make_train_evaluator(config, graphdefs):
     model = model_config(config)
 
     def run(params, consts) -> dict[str, float]:
-        decoder = Decoder("train", graphdefs["vae"], ({"decoder": params}, consts["frozen"]), model)
+        decoder = Decoder("train", graphdefs["vae"], (params, consts["frozen"]), model)
         lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
         return scalars(evaluate([decoder], images, masks, image_size=config.image_size,
                                 batch_size=config.eval.batch_size or config.batch_size, lpips=lpips))

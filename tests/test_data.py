@@ -9,7 +9,12 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from asymvq_jax.data import (
+    BUNDLED_PHOTOS,
+    HELD_OUT_PHOTOS,
+    TRAIN_PHOTOS,
+    BundledPhotos,
     batch_for_step,
+    held_out_batch,
     decode_rgb,
     list_images,
     make_train_iterator,
@@ -175,18 +180,32 @@ def test_empty_or_missing_folder_fails_clearly(tmp_path):
         make_train_iterator(_cfg(tmp_path / "empty"), process_index=0, process_count=1)
 
 
-def test_sample_photos_dir(tmp_path):
-    pytest.importorskip("skimage")
+def test_sample_photos_dir_writes_the_training_photos(tmp_path):
     d = sample_photos_dir(tmp_path / "photos")
-    files = list_images(d)
-    assert len(files) >= 8
-    names = {os.path.basename(f) for f in files}
-    assert {"astronaut.png", "chelsea.png", "coffee.png", "rocket.png"} <= names
+    assert [os.path.basename(f) for f in list_images(d)] == sorted(f"{n}.png" for n in TRAIN_PHOTOS)
     arr, _ = decode_rgb(os.path.join(d, "astronaut.png"))
     assert arr.shape == (512, 512, 3) and arr.std() > 20  # a real photo, not a blank
     (b,) = _take(make_train_iterator(_cfg(d, batch_size=2, image_size=64),
                                      process_index=0, process_count=1), 1)
     assert b["image"].shape == (2, 64, 64, 3)
+
+
+def test_bundled_photos_are_declared_and_never_train_on_the_held_out_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # nothing may land in a cache shared by other environments
+    assert set(TRAIN_PHOTOS) | set(HELD_OUT_PHOTOS) == set(BUNDLED_PHOTOS)
+    assert not set(TRAIN_PHOTOS) & set(HELD_OUT_PHOTOS)
+    source = BundledPhotos()
+    assert [source.get(i)[1] for i in range(len(source))] == list(TRAIN_PHOTOS)
+    assert all(source.get(i)[0].shape[-1] == 3 and source.get(i)[0].dtype == np.uint8 for i in range(len(source)))
+
+    cfg = _cfg(None, batch_size=len(TRAIN_PHOTOS), source="bundled_photos")
+    first, again = batch_for_step(cfg, 5), batch_for_step(cfg, 5)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    held, held_again = held_out_batch(cfg, 6), held_out_batch(cfg, 6)
+    np.testing.assert_array_equal(held["image"], held_again["image"])
+    np.testing.assert_array_equal(held["mask"], held_again["mask"])
+    assert all(0 < m.mean() < 1 for m in held["mask"])  # every held-out example has a hole and a known region
+    assert list(tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ TFDS

@@ -174,7 +174,7 @@ def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp
 
     from asymvq_jax import save_pretrained
     from asymvq_jax.models import AutoencoderKL
-    from asymvq_jax.train.state import decoder_optimizer, init_vae, model_config
+    from asymvq_jax.train.state import decoder_optimizer, init_vae, model_config, trainable
 
     c = config(assets)
     sd = AutoencoderKL(model_config(c).replace(asymmetric=False), rngs=nnx.Rngs(42))
@@ -186,9 +186,9 @@ def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp
     assert "decoder.conv_out.kernel" in pretrained
     assert not any("condition_encoder" in p for p in pretrained)
 
-    params = nnx.to_pure_dict(nnx.state(vae.decoder, nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(vae, trainable(c)))
     tx = decoder_optimizer(c, pretrained)
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     step_of = lambda tree: float(jnp.abs(tree["kernel"]).max())  # noqa: E731
-    ratio = step_of(updates["conv_out"]) / step_of(updates["condition_encoder"]["layers"][0])
+    ratio = step_of(updates["decoder"]["conv_out"]) / step_of(updates["decoder"]["condition_encoder"]["layers"][0])
     assert ratio == pytest.approx(c.pretrained_lr_mult, rel=1e-4)

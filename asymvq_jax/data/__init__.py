@@ -5,8 +5,12 @@ TensorFlow is only imported when ``config.data.source == "tfds"``.
 """
 
 from asymvq_jax.data.folder import (
+    BUNDLED_PHOTOS,
+    HELD_OUT_PHOTOS,
     IMAGE_EXTENSIONS,
+    TRAIN_PHOTOS,
     BadImageError,
+    bundled_photo,
     decode_rgb,
     list_images,
     sample_photos_dir,
@@ -19,15 +23,23 @@ from asymvq_jax.data.masks import (
     training_mask,
 )
 from asymvq_jax.data.pipeline import (
+    BundledPhotos,
     FolderSource,
     TrainIterator,
     batch_for_step,
+    held_out_batch,
     make_source,
     make_train_iterator,
     random_crop_resize,
 )
 
 __all__ = [
+    "BUNDLED_PHOTOS",
+    "HELD_OUT_PHOTOS",
+    "TRAIN_PHOTOS",
+    "bundled_photo",
+    "BundledPhotos",
+    "held_out_batch",
     "IMAGE_EXTENSIONS",
     "BadImageError",
     "decode_rgb",

@@ -1,19 +1,14 @@
-"""Local image folders: file listing, robust decoding, and bundled sample photos.
+"""Image files and the bundled photo set.
 
-:func:`list_images` finds images recursively (``.jpg .jpeg .png .webp``, any case) and
-fails clearly on a missing or empty folder. :func:`decode_rgb` turns any image file or
-byte string into ``uint8 [H, W, 3]``:
+`list_images` finds images recursively and fails clearly on a missing or empty folder.
+`decode_rgb` turns any image file or byte string into uint8 [H, W, 3]: grayscale, CMYK,
+palette and the like become RGB, transparency is composited on white, 16-bit and float
+images are scaled to 8 bits; corrupt or truncated files raise `BadImageError` (the pipeline
+skips and counts them).
 
-* grayscale (``L``, ``1``), ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` -> RGB;
-* palette (``P``) -> RGB, palette with transparency is treated as RGBA;
-* ``RGBA``/``LA``/``PA`` and images with a transparency key: **composited on white**;
-* 16/32-bit integer (``I;16``, ``I;16B``, ``I``): divided by 257 (65535 -> 255), clipped;
-* float (``F``): clipped to [0, 255].
-
-Corrupt or truncated files raise :class:`BadImageError` (the pipeline skips and counts
-them). :func:`sample_photos_dir` writes the real photos shipped inside the
-scikit-image wheel (falling back to scikit-learn / matplotlib if that is what is
-installed) as PNGs into a folder, for tiny local training runs.
+`BUNDLED_PHOTOS` is a declared list of the photos inside the scikit-image wheel, the same on
+every machine (nothing is downloaded, nothing is cached). `HELD_OUT_PHOTOS` feed the sample
+grids and the end-of-run table and never training.
 """
 
 from __future__ import annotations
@@ -21,7 +16,6 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -30,13 +24,10 @@ from asymvq_jax import paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
-__all__ = [
-    "IMAGE_EXTENSIONS",
-    "BadImageError",
-    "list_images",
-    "decode_rgb",
-    "sample_photos_dir",
-]
+BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "motorcycle_left", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
+HELD_OUT_PHOTOS = ("chelsea", "coffee", "rocket")
+TRAIN_PHOTOS = tuple(name for name in BUNDLED_PHOTOS if name not in HELD_OUT_PHOTOS)
 
 
 class BadImageError(Exception):
@@ -107,73 +98,23 @@ def decode_rgb(src: str | os.PathLike | bytes) -> tuple[np.ndarray, str | None]:
     return arr, note
 
 
-def _skimage_photos():
-    import skimage.data as d  # noqa: PLC0415
-
-    names = [
-        "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field",
-        "immunohistochemistry", "retina", "camera", "coins", "moon",
-    ]
-    for n in names:
-        yield n, lambda n=n: getattr(d, n)()
-    yield "motorcycle_left", lambda: d.stereo_motorcycle()[0]
+def bundled_photo(name: str) -> np.ndarray:
+    """One of `BUNDLED_PHOTOS` as uint8 [H, W, 3] (grayscale ones repeated to RGB)."""
+    if name not in BUNDLED_PHOTOS:
+        raise ValueError(f"{name!r} is not a bundled photo; known: {', '.join(BUNDLED_PHOTOS)}")
+    import skimage.data
+    img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
+    return np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
 
 
-def _sklearn_photos():
-    from sklearn.datasets import load_sample_images  # noqa: PLC0415
-
-    imgs = load_sample_images()
-    for fname, img in zip(imgs.filenames, imgs.images):
-        yield Path(fname).stem, lambda img=img: img
-
-
-def _matplotlib_photos():
-    import matplotlib.cbook  # noqa: PLC0415
-
-    def load():
-        with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
-            return np.asarray(Image.open(f).convert("RGB"))
-
-    yield "grace_hopper", load
-
-
-def sample_photos_dir(dst: str | os.PathLike) -> str:
-    """Write the real photos bundled in installed wheels into ``dst`` as PNGs.
-
-    Uses scikit-image (``skimage.data``: astronaut, chelsea, coffee, rocket,
-    hubble_deep_field, immunohistochemistry, retina, camera, coins, moon,
-    motorcycle_left) -- the recommended dependency -- plus scikit-learn's sample images
-    (china, flower) and matplotlib's ``grace_hopper.jpg`` when those packages happen to
-    be installed. Nothing is downloaded. Existing files are kept. Returns ``dst``.
-    Raises ``RuntimeError`` if none of the packages is installed.
-    """
+def sample_photos_dir(dst: str | os.PathLike, names: tuple[str, ...] = TRAIN_PHOTOS) -> str:
+    """Writes bundled photos into `dst` as PNGs (an image folder for `source='folder'`); returns `dst`."""
     dst = os.fspath(dst)
-    written = 0
-    for provider in (_skimage_photos, _sklearn_photos, _matplotlib_photos):
-        try:
-            items = list(provider())
-        except ImportError:
-            continue
-        for name, load in items:
-            path = paths.join(dst, f"{name}.png")
-            if paths.exists(path):
-                written += 1
-                continue
-            try:
-                arr = np.asarray(load())
-            except Exception:  # noqa: BLE001 - e.g. a loader that would need a download
-                continue
-            if arr.dtype != np.uint8:
-                arr = np.clip(arr * (255.0 if arr.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
-            if arr.ndim == 3 and arr.shape[-1] == 4:
-                arr = arr[..., :3]
+    paths.makedirs(dst)
+    for name in names:
+        path = paths.join(dst, f"{name}.png")
+        if not paths.exists(path):
             png = io.BytesIO()
-            Image.fromarray(arr).save(png, format="PNG")
+            Image.fromarray(bundled_photo(name)).save(png, format="PNG")
             paths.write_bytes(path, png.getvalue())
-            written += 1
-    if not written:
-        raise RuntimeError(
-            "sample_photos_dir: no bundled photos found; install scikit-image "
-            "(pip install scikit-image)"
-        )
     return dst

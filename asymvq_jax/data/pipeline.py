@@ -75,9 +75,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from asymvq_jax import paths
-from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images, sample_photos_dir
-from asymvq_jax.data.masks import example_rng, training_mask
+from asymvq_jax.data.folder import HELD_OUT_PHOTOS, TRAIN_PHOTOS, BadImageError, bundled_photo, decode_rgb, list_images
+from asymvq_jax.data.masks import example_rng, lama_mask, training_mask
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,7 @@ __all__ = [
     "make_source",
 ]
 
-_TAG_PERM, _TAG_CROP, _TAG_MASK, _TAG_RETRY = 1, 2, 3, 4
+_TAG_PERM, _TAG_CROP, _TAG_MASK, _TAG_RETRY, _TAG_HELD_OUT_CROP, _TAG_HELD_OUT_MASK = 1, 2, 3, 4, 5, 6
 _MAX_RETRIES = 64
 
 
@@ -120,6 +119,22 @@ class FolderSource:
         return p, p
 
 
+class BundledPhotos:
+    """The declared training photos of scikit-image, decoded once and held in memory."""
+
+    random_access = True
+    desc = "bundled_photos"
+
+    def __init__(self, names: tuple[str, ...] = TRAIN_PHOTOS):
+        self.names, self.images = names, [bundled_photo(n) for n in names]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def get(self, i: int) -> tuple[np.ndarray, str]:
+        return self.images[int(i)], self.names[int(i)]
+
+
 def make_source(config, *, process_index: int, process_count: int):
     data = config.data
     kind = _get(data, "source", "folder")
@@ -128,9 +143,8 @@ def make_source(config, *, process_index: int, process_count: int):
         if not path:
             raise ValueError("config.data.path must name an image folder (source='folder')")
         return FolderSource(str(path))
-    if kind == "bundled_photos":  # the photos that ship inside installed wheels: no download
-        path = paths.join(_get(data, "path") or "~/.cache/asymvq_jax/photos")
-        return FolderSource(sample_photos_dir(path))
+    if kind == "bundled_photos":
+        return BundledPhotos()
     if kind == "tfds":
         from asymvq_jax.data.tfds import TfdsSource  # noqa: PLC0415 - TF is optional
 
@@ -241,6 +255,8 @@ class TrainIterator:
     def _decode(self, payload, name: str) -> np.ndarray | None:
         if name in self._bad:
             return None
+        if isinstance(payload, np.ndarray):  # already decoded (bundled photos)
+            return payload
         try:
             arr, note = decode_rgb(payload)
         except BadImageError as e:
@@ -418,6 +434,19 @@ def make_train_iterator(
         prefetch=int(_get(data, "prefetch", 2)),
         background=background,
     )
+
+
+def held_out_batch(config, n: int) -> dict[str, np.ndarray]:
+    """`n` fixed examples of the held-out photos (cycled, each with its own crop) with LaMa
+    masks that are never all-ones: the same for every run with the same seed and size."""
+    size, seed = int(config.image_size), int(config.seed)
+    images, masks = [], []
+    for i in range(n):
+        photo = bundled_photo(HELD_OUT_PHOTOS[i % len(HELD_OUT_PHOTOS)])
+        images.append(random_crop_resize(photo, example_rng(seed, _TAG_HELD_OUT_CROP, i), size)[0])
+        masks.append(lama_mask(example_rng(seed, _TAG_HELD_OUT_MASK, i), size, size,
+                               str(_get(config.data, "mask", "thick_256"))))
+    return {"image": np.stack(images), "mask": np.stack(masks).reshape(n, size, size, 1).astype(np.float32)}
 
 
 def batch_for_step(

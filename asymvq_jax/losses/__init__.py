@@ -14,7 +14,6 @@ from asymvq_jax.losses.gan import (
     generator_loss,
     generator_total_loss,
     hinge_d_loss,
-    kl_loss,
     reconstruction_nll,
     weighted_head_grads,
 )
@@ -30,6 +29,6 @@ __all__ = [
     "NLayerDiscriminator", "TorchBatchNorm",
     "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
     "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
-    "generator_loss", "generator_total_loss", "hinge_d_loss", "kl_loss",
+    "generator_loss", "generator_total_loss", "hinge_d_loss",
     "reconstruction_nll", "weighted_head_grads",
 ]

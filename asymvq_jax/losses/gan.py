@@ -3,7 +3,7 @@
 Generator (decoder) step, as in LDM::
 
     nll      = reconstruction_nll(x, x_rec, lpips(x, x_rec))         # sum / batch
-    kl       = kl_loss(post_mean, post_logvar)                        # sum / batch
+    kl       = mean(posterior.kl())                                    # sum / batch
     g        = generator_loss(D(x_rec))                                # -mean D(x_rec)
     d_weight = ||d nll/dW|| / ||d g/dW|| * disc_weight  (W: conv_out)  # stop-gradient
     loss     = nll + 1e-6 * kl + d_weight * disc_factor(step, disc_start) * g
@@ -81,16 +81,6 @@ def reconstruction_nll(
     return jnp.sum(nll) / x.shape[0]
 
 
-def kl_loss(mean: jax.Array, logvar: jax.Array) -> jax.Array:
-    """KL(N(mean, exp(logvar)) || N(0, 1)) summed over the latent dims, summed over the
-    batch and divided by the batch size (LDM ``DiagonalGaussianDistribution.kl``; logvar
-    is clipped to [-30, 20] as there).  Weight it with ``KL_WEIGHT`` (1e-6)."""
-    mean = mean.astype(jnp.float32)
-    logvar = jnp.clip(logvar.astype(jnp.float32), -30.0, 20.0)
-    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=tuple(range(1, mean.ndim)))
-    return jnp.sum(kl) / mean.shape[0]
-
-
 # -------------------------------------------------------------------- adaptive weight
 def adaptive_weight_from_grads(nll_grad: jax.Array, g_grad: jax.Array,
                                disc_weight: float = DISC_WEIGHT) -> jax.Array:
@@ -145,6 +135,6 @@ def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
 __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
     "hinge_d_loss", "generator_loss", "disc_factor",
-    "reconstruction_nll", "kl_loss", "adaptive_weight_from_grads",
+    "reconstruction_nll", "adaptive_weight_from_grads",
     "conv_out_apply", "generator_total_loss", "weighted_head_grads",
 ]

@@ -1,1 +1,1 @@
-"""Decoder training: the default recipe, the train state, the jitted step, the loop."""
+"""Training: the default recipe, the train state, the jitted step, the loop, stages of a run."""

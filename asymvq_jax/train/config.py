@@ -11,6 +11,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict({"preset": "asym-base", "overrides": {}})
     c.init_from = ""                 # any checkpoint from_pretrained reads; "" = from scratch
     c.pretrained_lr_mult = 0.1       # decoder parameters taken from init_from; the new branch gets 1x
+    c.train_encoder = False          # True: the whole autoencoder trains (LDM's first stage), KL included
     c.dtype, c.param_dtype, c.remat = "float32", "float32", False
 
     c.batch_size = 80                # global: 8 GPUs x 10 in the paper

@@ -7,7 +7,7 @@ import sys
 
 import jax
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from asymvq_jax import paths
 
@@ -63,7 +63,7 @@ class MetricWriter:
     def image(self, step: int, name: str, png_path: str) -> None:
         """Sends a saved PNG (e.g. the sample grid) to TensorBoard."""
         if self.active:
-            self.tb.add_image(name, np.asarray(Image.open(png_path).convert("RGB")), step, dataformats="HWC")
+            self.tb.add_image(name, np.asarray(Image.open(io.BytesIO(paths.read_bytes(png_path))).convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         if self.active:
@@ -98,9 +98,17 @@ def to_uint8(images) -> np.ndarray:
     return np.asarray(np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).round(), np.uint8)
 
 
-def save_grid(path: str, columns: list) -> None:
-    """One row per example; columns are [B, H, W, 3] batches in [-1, 1]."""
-    rows = [np.concatenate([to_uint8(col[i]) for col in columns], axis=1) for i in range(len(columns[0]))]
+def save_grid(path: str, columns: dict[str, np.ndarray], min_cell: int = 256) -> None:
+    """One row per example, one labelled column per [B, H, W, 3] batch in [-1, 1]; small images
+    are enlarged (nearest, whole pixels) to at least `min_cell` pixels so they can be seen."""
+    scale = max(1, -(-min_cell // next(iter(columns.values())).shape[1]))
+    cells = [to_uint8(batch).repeat(scale, axis=1).repeat(scale, axis=2) for batch in columns.values()]
+    body = np.concatenate([np.concatenate(list(cell), axis=0) for cell in cells], axis=1)
+    width = cells[0].shape[2]
+    header = Image.new("RGB", (body.shape[1], 28), "white")
+    draw = ImageDraw.Draw(header)
+    for i, label in enumerate(columns):
+        draw.text((i * width + width // 2, 14), label, fill="black", anchor="mm", font=ImageFont.load_default(18))
     png = io.BytesIO()
-    Image.fromarray(np.concatenate(rows, axis=0)).save(png, format="PNG")
+    Image.fromarray(np.concatenate([np.asarray(header), body], axis=0)).save(png, format="PNG")
     paths.write_bytes(path, png.getvalue())

@@ -10,13 +10,14 @@ import jax
 import numpy as np
 
 from asymvq_jax import checkpoint, parallel, paths
-from asymvq_jax.data import batch_for_step, make_train_iterator
-from asymvq_jax.data.masks import example_rng, lama_mask
+from asymvq_jax.data import held_out_batch, make_train_iterator
 from asymvq_jax.evaluate import make_train_evaluator
 from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import logs
 from asymvq_jax.train.state import build, count, model_config
 from asymvq_jax.train.step import make_sample_fn, make_train_step
+
+GRID_EXAMPLES = 4
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -39,14 +40,6 @@ class Preempted:
     def restore(self):
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def sample_batch(config, n: int = 4):
-    """Fixed examples for the sample grid, each with a LaMa mask (never all-ones)."""
-    batch = batch_for_step(config, 0, process_index=0, process_count=1)
-    size, n = config.image_size, min(n, len(batch["image"]))
-    masks = [lama_mask(example_rng(config.seed, 7, i), size, size, config.data.mask) for i in range(n)]
-    return batch["image"][:n], np.stack(masks).reshape(n, size, size, 1).astype(np.float32)
 
 
 def check_finite(step: int, metrics: dict[str, float]) -> None:
@@ -79,7 +72,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
 
     # ---- models, optimizers, train state; resumed if the workdir has a checkpoint
     graphdefs, state, consts, tx, disc_tx = build(config)
-    logging.info("model %s: decoder %.2fM trainable, %.2fM frozen; discriminator %.2fM", config.model.preset,
+    logging.info("model %s: %.2fM parameters trained, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
     checkpoint.write_model_config(workdir, model_config(config))
@@ -96,7 +89,8 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     sample_fn = jax.jit(make_sample_fn(graphdefs))
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
     evaluator = make_train_evaluator(config, graphdefs) if evaluate_now else None
-    grid_images, grid_masks = sample_batch(config)
+    grid = held_out_batch(config, GRID_EXAMPLES)
+    grid_images, grid_masks = grid["image"], grid["mask"]
 
     # ---- loop
     writer = logs.MetricWriter(workdir)
@@ -145,12 +139,16 @@ def sample_path(workdir: str, step: int) -> str:
 
 
 def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:
-    """Saves input | masked input | plain decode | mask-guided decode (host 0), and returns the
-    error on the known region of both decodes: what the branch is for."""
+    """Saves a labelled grid of held-out photos (host 0) and returns the squared error of the
+    plain and (asymmetric decoders) the mask-guided decode on the known region and in the hole."""
     params = state.get("ema", state["params"])
     plain, guided = jax.device_get(sample_fn(params, consts, images, masks))
+    decodes = {"plain": plain, "guided": guided} if "condition_encoder" in params["decoder"] else {"plain": plain}
     if jax.process_index() == 0:
         masked = images * (1 - masks) + masks * -1.0  # holes shown black
-        logs.save_grid(sample_path(workdir, step), [images, masked, plain, guided])
-    return {f"samples/known_mse_{name}": float(np.mean(pre_error(images, out, masks)))
-            for name, out in (("plain", plain), ("guided", guided))}
+        columns = ({"input": images, "masked input": masked, "plain decode": plain, "guided decode": guided}
+                   if len(decodes) == 2 else {"input": images, "reconstruction": plain})
+        logs.save_grid(sample_path(workdir, step), columns)
+    # pre_error over the known region (mask 0); over the hole with the mask inverted.
+    return {f"samples/{region}_mse_{name}": float(np.mean(pre_error(images, out, hole)))
+            for name, out in decodes.items() for region, hole in (("known", masks), ("hole", 1 - masks))}

@@ -1,7 +1,8 @@
 """The train state (a plain dict of pytrees) and everything that builds it.
 
-Only the decoder trains. The encoder, quant_conv and post_quant_conv live in `frozen`, a
-separate tree that no optimizer sees and that the step never returns, so they cannot change.
+`trainable` decides what trains: the decoder (the asymmetric recipe) or, with
+`config.train_encoder`, the whole autoencoder (LDM's first stage). The rest lives in `frozen`,
+a separate tree that no optimizer sees and that the step never returns, so it cannot change.
 """
 
 import logging
@@ -18,6 +19,11 @@ from asymvq_jax.models import AutoencoderKL, VAEConfig, preset
 DECODER = nnx.PathContains("decoder")
 
 
+def trainable(config):
+    """The parameters the optimizer updates; `params` in the train state is rooted at the VAE."""
+    return nnx.Param if config.get("train_encoder", False) else nnx.All(nnx.Param, DECODER)
+
+
 def model_config(config) -> VAEConfig:
     return preset(config.model.preset, **config.model.get("overrides", {}))
 
@@ -29,29 +35,37 @@ def dtypes(config):
 
 def init_vae(config) -> tuple[AutoencoderKL, set[str]]:
     """A fresh model, overwritten by every parameter of `config.init_from` with the same path
-    and shape. Returns the model and the dotted paths of the decoder parameters it took."""
+    and shape. Returns the model and the dotted paths of the trainable parameters it took."""
     vae = AutoencoderKL(model_config(config), rngs=nnx.Rngs(config.seed), remat=config.get("remat", False),
                         **dtypes(config))
     if not config.get("init_from"):
         return vae, set()
-    from asymvq_jax.convert import from_pretrained
-    source = dict(nnx.to_flat_state(nnx.state(from_pretrained(config.init_from), nnx.Param)))
-    state = nnx.state(vae, nnx.Param)
-    taken, fresh = set(), []
+    source = dict(nnx.to_flat_state(nnx.state(load_source(config.init_from), nnx.Param)))
+    state, trains = nnx.state(vae, nnx.Param), trainable(config)
+    taken, pretrained, fresh = [], set(), []
     for path, var in nnx.to_flat_state(state):
         src = source.get(path)
         if src is not None and src[...].shape == var[...].shape:
             var[...] = src[...].astype(var[...].dtype)
-            taken.add(dotted(path))
-        elif not DECODER(path, var):
-            raise ValueError(f"init_from={config.init_from}: its encoder does not fit the model at "
-                             f"{dotted(path)} (frozen parts must come whole from the checkpoint)")
+            taken.append(dotted(path))
+            if trains(path, var):
+                pretrained.add(dotted(path))
+        elif not trains(path, var):
+            raise ValueError(f"init_from={config.init_from}: it does not fit the model at {dotted(path)}, "
+                             "a frozen parameter (frozen parts must come whole from the checkpoint)")
         else:
             fresh.append(dotted(path))
     nnx.update(vae, state)
-    logging.info("init_from %s: %d parameters loaded, %d decoder parameters fresh (%s)", config.init_from,
-                 len(taken), len(fresh), sorted({p.split(".")[1] for p in fresh}) or "none")
-    return vae, {p for p in taken if p.startswith("decoder.")}
+    logging.info("init_from %s: %d parameters loaded, %d trainable parameters fresh (%s)", config.init_from,
+                 len(taken), len(fresh), sorted({".".join(p.split(".")[:2]) for p in fresh}) or "none")
+    return vae, pretrained
+
+
+def load_source(path: str) -> AutoencoderKL:
+    """A training workdir (its latest step) or any checkpoint from_pretrained reads."""
+    from asymvq_jax import checkpoint
+    from asymvq_jax.convert import from_pretrained
+    return checkpoint.load_model(path) if checkpoint.is_workdir(path) else from_pretrained(path)
 
 
 def dotted(path) -> str:
@@ -77,7 +91,7 @@ def decoder_optimizer(config, pretrained: set[str]) -> optax.GradientTransformat
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "pretrained" if dotted(("decoder", *path)) in pretrained else "new", params)
+            lambda path, _: "pretrained" if dotted(path) in pretrained else "new", params)
 
     return optax.multi_transform({"pretrained": adam(lambda c: mult * sched(c)), "new": adam(sched)},
                                  labels)
@@ -90,8 +104,8 @@ def pure(state) -> dict:
 def build(config):
     """Returns (graphdefs, train state, constants, decoder optimizer, discriminator optimizer)."""
     vae, pretrained = init_vae(config)
-    vae_def, params, frozen = nnx.split(vae, nnx.All(nnx.Param, DECODER), ...)
-    params = pure(params)["decoder"]
+    vae_def, params, frozen = nnx.split(vae, trainable(config), ...)
+    params = pure(params)
     disc = NLayerDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers, rngs=nnx.Rngs(config.seed + 1),
                                **dtypes(config))
     disc_def, disc_params, disc_stats = nnx.split(disc, nnx.Param, ...)
@@ -107,8 +121,8 @@ def build(config):
     return graphdefs, state, consts, tx, disc_tx
 
 
-def merge_vae(graphdef, decoder_params, frozen) -> AutoencoderKL:
-    return nnx.merge(graphdef, {"decoder": decoder_params}, frozen)
+def merge_vae(graphdef, params, frozen) -> AutoencoderKL:
+    return nnx.merge(graphdef, params, frozen)
 
 
 def count(tree) -> int:

@@ -24,34 +24,38 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(config, graphdefs, tx, disc_tx):
     loss_cfg = config.loss
     base_key = jax.random.key(config.seed)
+    # Terms that are 0 throughout the run are left out of the compiled step (on a CPU, LPIPS-VGG16
+    # is most of a small model's step, and the discriminator a good part of its compile time).
+    use_lpips = loss_cfg.perceptual_weight != 0
+    use_gan = loss_cfg.disc_start <= config.total_steps and loss_cfg.disc_factor != 0
 
     def train_step(state, consts, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
         lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
         d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
         factor = gan.disc_factor(step, loss_cfg.disc_start, loss_cfg.disc_factor)
+        key = jax.random.fold_in(base_key, step)
 
-        vae = merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
-        post = vae.encode(x)
-        z = jax.lax.stop_gradient(post.sample(jax.random.fold_in(base_key, step)))
-        kl = gan.kl_loss(post.mean, post.logvar)  # constant (encoder frozen); logged as in the recipe
-
-        def body(params):  # the decoder up to conv_out
-            return merge_vae(graphdefs["vae"], params, consts["frozen"]).decoder_features(z, x, mask)
+        def body(params):  # encode, sample, decode up to conv_out; the KL reaches a trained encoder
+            vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
+            post = vae.encode(x)
+            image, hole = (x, mask) if vae.config.asymmetric else (None, None)
+            return vae.decoder_features(post.sample(key), image, hole), jnp.mean(post.kl())
 
         def head(h, kernel, bias):  # conv_out, then the two loss terms that drive the decoder
             x_rec = gan.conv_out_apply(h, kernel, bias)
-            nll = gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec))
-            g = gan.generator_loss(apply_disc(graphdefs["disc"], d_params, d_stats, x_rec)[0])
-            return (nll, g), x_rec
+            p_loss = loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None
+            nll = gan.reconstruction_nll(x, x_rec, p_loss)
+            g = gan.generator_loss(apply_disc(graphdefs["disc"], d_params, d_stats, x_rec)[0]) if use_gan else 0.0
+            return (nll, jnp.asarray(g, jnp.float32)), x_rec
 
         params = state["params"]
-        h, body_vjp = jax.vjp(body, params)
-        (nll, g), head_vjp, x_rec = jax.vjp(head, h, params["conv_out"]["kernel"], params["conv_out"]["bias"],
-                                            has_aux=True)
+        conv_out = params["decoder"]["conv_out"]
+        (h, kl), body_vjp = jax.vjp(body, params)
+        (nll, g), head_vjp, x_rec = jax.vjp(head, h, conv_out["kernel"], conv_out["bias"], has_aux=True)
         d_weight, head_grads = gan.weighted_head_grads(head_vjp, factor, loss_cfg.disc_weight)
-        grads = body_vjp(head_grads[0])[0]
-        grads["conv_out"] = {"kernel": head_grads[1], "bias": head_grads[2]}
+        grads = body_vjp((head_grads[0], jnp.asarray(loss_cfg.kl_weight, kl.dtype)))[0]
+        grads["decoder"]["conv_out"] = {"kernel": head_grads[1], "bias": head_grads[2]}
         loss = gan.generator_total_loss(nll, kl, g, d_weight, factor, loss_cfg.kl_weight)
         aux = {"nll": nll, "g_loss": g, "d_weight": d_weight}
 
@@ -61,14 +65,15 @@ def make_train_step(config, graphdefs, tx, disc_tx):
             fake, stats = apply_disc(graphdefs["disc"], d_params, stats, x_rec)
             return factor * gan.hinge_d_loss(real, fake), (stats, jnp.mean(real), jnp.mean(fake))
 
-        (d_loss, (new_stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
-
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        d_updates, disc_opt = disc_tx.update(d_grads, state["disc_opt"], d_params)
-        new = {"step": step + 1, "params": params, "opt": opt,
-               "disc": {"params": optax.apply_updates(d_params, d_updates), "stats": new_stats},
-               "disc_opt": disc_opt}
+        new = {"step": step + 1, "params": params, "opt": opt, "disc": state["disc"], "disc_opt": state["disc_opt"]}
+        d_loss = real = fake = jnp.zeros((), jnp.float32)
+        d_grads = {}
+        if use_gan:
+            (d_loss, (new_stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
+            d_updates, new["disc_opt"] = disc_tx.update(d_grads, state["disc_opt"], d_params)
+            new["disc"] = {"params": optax.apply_updates(d_params, d_updates), "stats": new_stats}
         if "ema" in state:
             new["ema"] = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
 
@@ -84,11 +89,13 @@ def make_train_step(config, graphdefs, tx, disc_tx):
 
 
 def make_sample_fn(graphdefs):
-    """Plain and mask-guided decodes of the posterior mode, for the sample grid."""
+    """Plain and mask-guided decodes of the posterior mode, for the sample grid (a plain
+    autoencoder has no guided decode: it returns the plain one twice)."""
 
     def sample(params, consts, x, mask):
         vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
         z = vae.encode(x).mode()
-        return vae.decode(z), vae.decode(z, x, mask)
+        plain = vae.decode(z)
+        return plain, vae.decode(z, x, mask) if vae.config.asymmetric else plain
 
     return sample

