@@ -8,10 +8,14 @@ py=.venv/bin/python
 $py -m pip install -q --upgrade pip
 if [ "${1:-}" = test ]; then
   $py -m pip install -q -e ".[test]"
-  # lpips' and pytorch-fid's requirements would pull torchvision and with it a CUDA torch: take the
-  # packages alone. (PyPI's torchvision is built for CUDA torch; beside the CPU torch it breaks the
-  # transformers/diffusers imports, so the FID parity test skips without it.)
-  $py -m pip install -q --no-deps lpips==0.1.4 pytorch-fid==0.3.0
+  # lpips' and pytorch-fid's requirements would pull a CUDA torch: take the packages alone.
+  $py -m pip install -q --no-deps lpips==0.1.4 pytorch-fid==0.3.0 torchvision==0.28.0
+  # PyPI's torchvision is built for CUDA torch: its compiled ops do not load beside the CPU torch,
+  # and its import then fails registering them. The references need only its Python models, so
+  # in this test environment every process skips those registrations.
+  site=$($py -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  echo 'import sys, types; sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))' \
+    > "$site/torchvision_cpu_shim.pth"
 else
   $py -m pip install -q -e .
 fi
