@@ -8,14 +8,15 @@ from ml_collections import config_flags
 from asymvq_jax.train.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/local.py", "A configs/*.py file (get_config).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples; default runs/<config name>.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples; default config.workdir, else runs/<config name>.")
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
     config_path = flags.FLAGS["config"].config_filename
-    workdir = _WORKDIR.value or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0])
+    workdir = (_WORKDIR.value or _CONFIG.value.get("workdir")
+               or os.path.join("runs", os.path.splitext(os.path.basename(config_path))[0]))
     metrics = train(_CONFIG.value, workdir)
     logging.info("done: %s", {k: round(v, 5) for k, v in metrics.items()})
 

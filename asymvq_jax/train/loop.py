@@ -9,6 +9,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from asymvq_jax import checkpoint, parallel
 from asymvq_jax.data import batch_for_step, make_train_iterator
@@ -23,17 +24,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted:
-    """Turns SIGTERM (a TPU preemption) into a flag the loop checks between steps."""
+    """SIGTERM (a TPU preemption) as a stop the loop checks between steps. With several hosts,
+    jax's preemption service catches the signal on any of them and all agree on one step."""
 
     def __init__(self):
-        self.requested = False
-        in_main_thread = threading.current_thread() is threading.main_thread()
+        self.requested, self.previous = False, None
+        self.multihost = jax.process_count() > 1
         # Python only lets the main thread install handlers; elsewhere SIGTERM keeps its default.
-        self.previous = signal.signal(signal.SIGTERM, self._handle) if in_main_thread else None
+        if not self.multihost and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every host must ask at every step."""
+        if self.multihost:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def restore(self):
         if self.previous is not None:
@@ -62,12 +71,13 @@ def train(config, workdir: str) -> dict[str, float]:
 
 
 def _train(config, workdir, cleanup) -> dict[str, float]:
-    # ---- workdir and mesh
+    # ---- hosts, workdir and mesh
+    parallel.initialize(config)
     os.makedirs(workdir, exist_ok=True)
     logs.quiet_libraries()
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.get("mesh"))
     parallel.check_batch_size(config.batch_size, mesh)
-    rep = parallel.replicated(mesh)
+    logging.info("mesh %s", parallel.describe(mesh))
 
     # ---- input first: a missing or empty dataset fails before anything is built
     mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
@@ -76,23 +86,21 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     start = mgr.latest_step() or 0
     data = cleanup.enter_context(make_train_iterator(config, start_step=start))
 
-    # ---- models, optimizers, train state; resumed if the workdir has a checkpoint
-    graphdefs, state, consts, tx, disc_tx = build(config)
+    # ---- models, optimizers, train state: created sharded, or restored into the same shardings
+    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=bool(start))
     logging.info("model %s: decoder %.2fM trainable, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
-    checkpoint.write_model_config(workdir, model_config(config))
-    state, consts = jax.device_put((state, consts), rep)
+    if jax.process_index() == 0:
+        checkpoint.write_model_config(workdir, model_config(config))
     if start:
         restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]}, start)
         state, consts["frozen"] = restored["train"], restored["frozen"]
         logging.info("resumed from %s at step %d", workdir, start)
 
-    # ---- the jitted step (state donated: it is replaced every step)
-    step_fn = jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
-                      in_shardings=(rep, rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
-                      donate_argnums=0)
-    sample_fn = jax.jit(make_sample_fn(graphdefs))
+    # ---- the jitted step
+    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts)
+    sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=parallel.replicated(mesh))  # all hosts read it
     grid_images, grid_masks = sample_batch(config)
 
     # ---- loop
@@ -121,7 +129,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
         flush()  # the previous step's metrics, read while this step runs
         pending = (step, metrics)
-        stop = preempted.requested
+        stop = preempted(step)
         if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
             flush()  # never save or show a step whose losses were not checked
         if step % config.sample_every == 0 or step == config.total_steps:
@@ -132,6 +140,16 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
             break
     flush()
     return last
+
+
+def jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts):
+    """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
+    every step), the batch is split over every device, the metrics come back replicated."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
+                   in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, consts),
+                                 parallel.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:
