@@ -120,6 +120,20 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
+def batch_spec(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch, abstractly (to compile the step before data arrives)."""
+    shape, sharding = (config.batch_size, config.image_size, config.image_size), batch_sharding(mesh)
+    return {"image": jax.ShapeDtypeStruct((*shape, 3), np.float32, sharding=sharding),
+            "mask": jax.ShapeDtypeStruct((*shape, 1), np.float32, sharding=sharding)}
+
+
+def sync_hosts(name: str, timeout_s: int = 3600) -> None:
+    """A barrier through the coordinator rather than a device collective, patient with slow hosts."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+        multihost.sync_global_processes(name, timeout=timeout_s)
+
+
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:
     """The one divisibility check: every device and every host gets an equal part."""
     for parts, what in ((mesh.size, "devices of the mesh"), (jax.process_count(), "hosts")):

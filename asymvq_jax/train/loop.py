@@ -98,10 +98,15 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         state, consts["frozen"] = restored["train"], restored["frozen"]
         logging.info("resumed from %s at step %d", workdir, start)
 
-    # ---- the jitted step
-    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts)
-    sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=parallel.replicated(mesh))  # all hosts read it
+    # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
+    # different times, and the first collective would not wait long for a late one
+    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts).lower(
+        state, consts, parallel.batch_spec(config, mesh)).compile()
     grid_images, grid_masks = sample_batch(config)
+    sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
+    sample_fn = jax.jit(make_sample_fn(graphdefs), in_shardings=(shardings(sample_params), shardings(consts), rep, rep),
+                        out_shardings=rep).lower(sample_params, consts, grid_images, grid_masks).compile()
+    parallel.sync_hosts("compiled")
 
     # ---- loop
     writer = logs.MetricWriter(workdir)
@@ -142,13 +147,16 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     return last
 
 
+def shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
 def jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts):
     """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
     every step), the batch is split over every device, the metrics come back replicated."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    state_shardings = shardings(state)
     return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
-                   in_shardings=(state_shardings, jax.tree.map(lambda x: x.sharding, consts),
-                                 parallel.batch_sharding(mesh)),
+                   in_shardings=(state_shardings, shardings(consts), parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
