@@ -36,7 +36,7 @@ def start(args: list[str], devices: int, log_path: str, **extra) -> subprocess.P
                             stderr=subprocess.STDOUT)
 
 
-def finish(proc: subprocess.Popen, log_path: str, timeout: float = 600) -> str:
+def finish(proc: subprocess.Popen, log_path: str, timeout: float = 1800) -> str:
     proc.wait(timeout=timeout)
     text = open(log_path).read()
     assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{text[-4000:]}"
