@@ -73,8 +73,12 @@ def test_two_processes_agree_with_one(together):
     got, want = multidevice.metrics(pair), multidevice.metrics(single)
     assert sorted(got) == sorted(want) == [1, 2, 3]
     for step in (1, 2, 3):
+        # Step 1 agrees to float rounding. After it, the attention key bias (an exactly zero
+        # gradient) has taken a +-lr Adam step on the sign of its rounding noise, which differs
+        # with the summation order and moves later losses by ~1e-5 (seen) relative.
+        rel = 1e-6 if step == 1 else 1e-3
         for term in ("loss", "nll", "d_loss", "known_mse"):
-            assert got[step][term] == pytest.approx(want[step][term], rel=1e-5, abs=1e-7), (step, term)
+            assert got[step][term] == pytest.approx(want[step][term], rel=rel, abs=1e-7), (step, term)
     assert "2 hosts" in open(os.path.join(pair, "log_0.txt")).read()
 
 
