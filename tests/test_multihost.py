@@ -75,7 +75,7 @@ def test_two_processes_agree_with_one(together):
     for step in (1, 2, 3):
         # Step 1 agrees to float rounding. After it, the attention key bias (an exactly zero
         # gradient) has taken a +-lr Adam step on the sign of its rounding noise, which differs
-        # with the summation order and moves later losses by ~1e-5 (seen) relative.
+        # with the summation order and moves later losses by up to ~1e-4 relative (seen).
         rel = 1e-6 if step == 1 else 1e-3
         for term in ("loss", "nll", "d_loss", "known_mse"):
             assert got[step][term] == pytest.approx(want[step][term], rel=rel, abs=1e-7), (step, term)
