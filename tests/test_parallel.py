@@ -100,5 +100,5 @@ def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
         got = multidevice.metrics(workdir)
         assert sorted(got) == [2]
         for term in ("loss", "nll", "known_mse"):
-            # bfloat16 compute: summation order differs between meshes
-            assert got[2][term] == pytest.approx(want[term], rel=1e-3), (devices, term)
+            # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes
+            assert got[2][term] == pytest.approx(want[term], rel=3e-3), (devices, term)
