@@ -33,7 +33,8 @@ def initialize(config) -> None:
         if dist.get("cpu_collectives"):
             jax.config.update("jax_cpu_collectives_implementation", dist["cpu_collectives"])
         jax.distributed.initialize(coordinator_address=dist["coordinator_address"],
-                                   num_processes=dist["num_processes"], process_id=dist["process_id"])
+                                   num_processes=dist["num_processes"], process_id=dist["process_id"],
+                                   heartbeat_timeout_seconds=dist.get("heartbeat_timeout_s", 100))
     elif os.environ.get("JAX_COORDINATOR_ADDRESS") or on_tpu_vm():
         jax.distributed.initialize()
     if config.get("compilation_cache_dir"):

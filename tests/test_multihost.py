@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """One compilation cache for every run here: the SIGTERM pair reuses the first pair's programs."""
+    """The compilation_cache_dir option, shared by processes that compile the same programs."""
     return str(tmp_path_factory.mktemp("jax_cache"))
 
 
@@ -44,7 +44,8 @@ def start_pair(assets, workdir, cache, steps):
         args = ["-m", "tests.multidevice", "host", workdir, *flags(assets, workdir, cache, steps),
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                "--config.distributed.cpu_collectives=gloo"]
+                "--config.distributed.cpu_collectives=gloo",
+                "--config.distributed.heartbeat_timeout_s=1200"]  # compiling on a shared 2-core machine
         log = os.path.join(workdir, f"log_{i}.txt")
         procs.append((multidevice.start(args, 2, log), log))
     return procs

@@ -39,7 +39,8 @@ def default_config() -> ml_collections.ConfigDict:
     # not discover itself (Cloud TPU pods are discovered).
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "fsdp_min_size": 2**18})
     c.distributed = ml_collections.ConfigDict({
-        "coordinator_address": "", "num_processes": 1, "process_id": 0, "cpu_collectives": ""})
+        "coordinator_address": "", "num_processes": 1, "process_id": 0, "cpu_collectives": "",
+        "heartbeat_timeout_s": 100})  # a host silent this long counts as dead (a busy CPU can starve it)
     c.compilation_cache_dir = ""     # e.g. gs://bucket/jax_cache: restarts skip recompiling
     return c
 
