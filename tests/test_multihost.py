@@ -105,7 +105,7 @@ def test_only_process_0_reports(together):
     assert "step 1:" not in open(os.path.join(pair, "log_1.txt")).read()
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(assets, cache, together, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(assets, cache, tmp_path):
     workdir = str(tmp_path / "killed")
     pair = start_pair(assets, workdir, cache, 10_000)
     metrics = os.path.join(workdir, "metrics.jsonl")
