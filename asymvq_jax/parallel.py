@@ -51,7 +51,7 @@ def on_tpu_vm() -> bool:
 
 def mesh_shape(sizes: dict, device_count: int) -> tuple[int, int]:
     """(data, fsdp) from config sizes where one may be -1: whatever the other leaves."""
-    shape = [int(sizes.get(axis, 1)) for axis in AXES]
+    shape = [int(sizes.get(DATA, -1)), int(sizes.get(FSDP, 1))]
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
         raise ValueError(f"config.mesh {dict(zip(AXES, shape))}: sizes must be >= 1, at most one -1")
     known = math.prod(s for s in shape if s != -1)
