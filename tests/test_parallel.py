@@ -102,3 +102,17 @@ def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
         for term in ("loss", "nll", "known_mse"):
             # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes
             assert got[2][term] == pytest.approx(want[term], rel=3e-3), (devices, term)
+
+
+def test_mesh_sizes_and_the_sharding_rule():
+    from asymvq_jax.parallel import P, mesh_shape, spec
+    assert mesh_shape({}, 8) == (8, 1) and mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
+    assert mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
+    for bad, words in (({"data": -1, "fsdp": -1}, "at most one -1"), ({"fsdp": 3}, "does not divide"),
+                       ({"data": 2, "fsdp": 2}, "uses 4 of 8")):
+        with pytest.raises(ValueError, match=words):
+            mesh_shape(bad, 8)
+    # The largest divisible dimension (the later one on ties); small or indivisible arrays replicate.
+    assert spec((3, 3, 768, 768), 4, 2**18) == P(None, None, None, "fsdp")
+    assert spec((3, 3, 768, 384), 4, 2**18) == P(None, None, "fsdp", None)
+    assert spec((768,), 4, 2**18) == P() and spec((3, 3, 3, 3), 2, 1) == P() and spec((512, 512), 1, 1) == P()
