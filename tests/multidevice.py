@@ -37,7 +37,11 @@ def start(args: list[str], devices: int, log_path: str, **extra) -> subprocess.P
 
 
 def finish(proc: subprocess.Popen, log_path: str, timeout: float = 1800) -> str:
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a run behind
+        raise
     text = open(log_path).read()
     assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{text[-4000:]}"
     return text
