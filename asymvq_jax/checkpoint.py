@@ -48,7 +48,12 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
     step = mgr.latest_step() if step is None else step
     if step is None or step not in mgr.all_steps():
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
-    saved = mgr.restore(step, args=ocp.args.StandardRestore())
+    # Onto this process's first device, whatever mesh and hosts saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "default"))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(meta, "item_metadata", meta))
+    saved = mgr.restore(step, args=ocp.args.StandardRestore(target))
     mgr.close()
     decoder = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
     flat = {**flatten({"decoder": decoder}), **flatten(saved["frozen"])}
