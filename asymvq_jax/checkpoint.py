@@ -27,11 +27,12 @@ def save(mgr: ocp.CheckpointManager, step: int, ckpt, *, force: bool = False) ->
 
 
 def restore(mgr: ocp.CheckpointManager, like, step: int | None = None):
-    """Restores `step` (default: the latest) into the structure and shardings of `like`."""
+    """Restores `step` (default: the latest) into the structure and shardings of `like` (arrays or
+    ShapeDtypeStructs): a checkpoint saved on one mesh restores onto any other."""
     step = mgr.latest_step() if step is None else step
     if step is None:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
     return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
 
 
@@ -47,7 +48,12 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
     step = mgr.latest_step() if step is None else step
     if step is None or step not in mgr.all_steps():
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
-    saved = mgr.restore(step, args=ocp.args.StandardRestore())
+    # Onto this process's first device, whatever mesh and hosts saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "default"))
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          getattr(meta, "item_metadata", meta))
+    saved = mgr.restore(step, args=ocp.args.StandardRestore(target))
     mgr.close()
     trained = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
     flat = {**flatten(trained), **flatten(saved.get("frozen") or {})}
@@ -56,8 +62,8 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
 
 def flatten(tree) -> dict[str, object]:
     """{'a.b.0.c': leaf} for a nested dict (list indices come back from orbax as strings)."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): leaf for path, leaf in leaves}
+    from asymvq_jax.convert.keys import path_to_str
+    return {path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def write_model_config(workdir: str, config: VAEConfig) -> None:

@@ -1,20 +1,40 @@
-"""The x1.5 recipe sized for a TPU v4 slice: global batch over every chip, ImageNet from TFDS.
+"""An asymmetric decoder recipe on a TPU v4 slice: ImageNet from TFDS in a bucket, workdir in the bucket.
 
-    python train.py --config configs/tpu_v4.py:gs://bucket/sd-vae --workdir gs://bucket/runs/x1_5 \
-        --config.data.data_dir=gs://bucket/tensorflow_datasets
+    python train.py --config configs/tpu_v4.py:bucket=my-bucket,variant=x1.5
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py --config configs/tpu_v4.py:runlocal
+
+Arguments (comma-separated): variant (base | x1.5 | x2), bucket, init_from, batch (global),
+fsdp (devices that split each large parameter), runlocal (a tiny model on the bundled photos,
+fsdp 2: the same code path on a CPU with simulated devices, no bucket needed).
 """
 
-from asymvq_jax.train.config import default_config
+from asymvq_jax.train.config import default_config, parse_arg
 
 
 def get_config(arg=None):
+    arg = parse_arg(arg, variant="x1.5", bucket="YOUR_BUCKET", init_from="", batch=128, fsdp=1, runlocal=False)
     c = default_config()
-    c.model.preset = "asym-x1.5"
-    c.init_from = arg or ""
-    c.batch_size = 128               # e.g. v4-32: 16 chips x 8
-    c.lr = 4.5e-6 * c.batch_size
-    c.dtype = "bfloat16"             # compute; parameters and optimizer stay float32
-    c.remat = True
-    c.data.data_dir = "gs://YOUR_BUCKET/tensorflow_datasets"
-    c.checkpoint_every = 2000
+    c.model.preset = f"asym-{arg.variant}"
+    c.init_from = arg.init_from
+    c.batch_size = arg.batch               # global; v4-32 (16 chips) x 8
+    c.lr = 4.5e-6 * c.batch_size           # the authors scale by the global batch
+    c.dtype = "bfloat16"                   # compute; parameters and optimizer state stay float32
+    c.remat = "full"
+    c.mesh.data, c.mesh.fsdp = -1, arg.fsdp
+    c.data.source, c.data.name = "tfds", "imagenet2012"
+    c.data.data_dir = f"gs://{arg.bucket}/tensorflow_datasets"
+    c.workdir = f"gs://{arg.bucket}/runs/asym_{arg.variant}"
+    c.compilation_cache_dir = f"gs://{arg.bucket}/jax_cache"
+    c.checkpoint_every, c.log_every = 2000, 100
+
+    if arg.runlocal:
+        c.model.overrides = {"down_block_out_channels": (16, 32, 32, 32), "layers_per_down_block": 1,
+                             "up_block_out_channels": (16, 32, 32, 32), "layers_per_up_block": 1,
+                             "norm_num_groups": 8}
+        c.disc.ndf = 16
+        c.data.source, c.data.data_dir = "bundled_photos", None
+        c.image_size, c.batch_size, c.total_steps = 32, 8, 3
+        c.mesh.fsdp, c.mesh.fsdp_min_size = 2, 2**10   # small enough that the tiny kernels split too
+        c.workdir, c.compilation_cache_dir = "runs/tpu_v4_runlocal", ""
+        c.checkpoint_every, c.log_every, c.sample_every = 3, 1, 3
     return c

@@ -156,10 +156,15 @@ def from_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, dtyp
     `config` overrides the read/inferred config (only needed for non-default norm groups or
     scaling factor of bare LDM files). dtype/param_dtype default to float32.
     """
+    cfg, params = read_params(path, allow_pickle=allow_pickle, config=config)
+    return build_model(cfg, params, dtype=dtype, param_dtype=param_dtype)
+
+
+def read_params(path: str | os.PathLike, *, allow_pickle: bool = False, config: VAEConfig | None = None
+                ) -> tuple[VAEConfig, dict[K.Path, np.ndarray]]:
+    """The config and the Flax-layout parameters (host memory) of any checkpoint from_pretrained reads."""
     ckpt = read_checkpoint(os.fspath(path), allow_pickle=allow_pickle, config=config)
-    make, abstract = abstract_model(ckpt.config, dtype=dtype, param_dtype=param_dtype)
-    params = load_checkpoint_params(ckpt, abstract)
-    return build_model(ckpt.config, params, dtype=dtype, param_dtype=param_dtype)
+    return ckpt.config, load_checkpoint_params(ckpt, abstract_model(ckpt.config)[1])
 
 
 def save_pretrained(vae, out: str | os.PathLike, format: str = "diffusers", *, dtype: Any = None) -> str:

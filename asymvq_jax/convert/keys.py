@@ -199,9 +199,10 @@ def flax_to_diffusers(path: Path, value: np.ndarray) -> tuple[str, np.ndarray]:
     return key, np.ascontiguousarray(_FROM_FLAX[kind](value))
 
 
-def path_to_str(path: Path) -> str:
-    """The key our own format stores a Flax path under: its parts joined with '.'."""
-    return ".".join(str(p) for p in path)
+def path_to_str(path) -> str:
+    """'decoder.up_blocks.0.conv1.kernel' from a Flax path or a jax key path: the one dotted form
+    (our own format's keys, checkpoint listings, optimizer labels)."""
+    return ".".join(str(getattr(p, "key", p)) for p in path)
 
 
 def str_to_path(name: str) -> Path:

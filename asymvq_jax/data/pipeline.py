@@ -413,11 +413,6 @@ def make_train_iterator(
 ) -> TrainIterator:
     """Endless per-host training batches starting at ``start_step`` (module docstring)."""
     process_index, process_count = _process_info(process_index, process_count)
-    if int(config.batch_size) % process_count:
-        raise ValueError(
-            f"config.batch_size={config.batch_size} is not divisible by the number of "
-            f"processes ({process_count})"
-        )
     source = make_source(config, process_index=process_index, process_count=process_count)
     data = config.data
     return TrainIterator(

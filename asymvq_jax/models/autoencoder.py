@@ -41,7 +41,7 @@ class AutoencoderKL(nnx.Module):
     """NHWC, images in [-1, 1], masks [B, H, W, 1] with 1 = hole. Parameter paths follow diffusers' keys."""
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool = False):
+                 remat: bool | str = False):
         dt = Dtypes(dtype, param_dtype)
         self.config = config
         self.encoder = Encoder(config, dt, rngs, remat)

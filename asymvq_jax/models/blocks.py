@@ -124,11 +124,21 @@ def conv_with(conv: nnx.Conv, x, kernel, padding, strides=(1, 1)):
     return y + bias
 
 
-def call_block(block, x, remat: bool):
-    """Runs a block, rematerialising its activations in the backward pass if asked."""
+def remat_policy(remat: bool | str):
+    """False/"" = no remat; True/"full" = keep only each block's input; else a `jax.checkpoint_policies` name."""
+    if remat is True or remat == "full":
+        return None
+    if not hasattr(jax.checkpoint_policies, remat):
+        raise ValueError(f"remat={remat!r}: use '', 'full' or a jax.checkpoint_policies name such as "
+                         "'dots_saveable'")
+    return getattr(jax.checkpoint_policies, remat)
+
+
+def call_block(block, x, remat: bool | str):
+    """Runs a block, rematerialising its activations in the backward pass if asked (`remat_policy`)."""
     if not remat:
         return block(x)
-    return nnx.remat(lambda m, y: m(y))(block, x)
+    return nnx.remat(lambda m, y: m(y), policy=remat_policy(remat))(block, x)
 
 
 class MidBlock(nnx.Module):

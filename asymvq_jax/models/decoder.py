@@ -10,7 +10,7 @@ from asymvq_jax.models.config import VAEConfig
 class Decoder(nnx.Module):
     """latent -> image. With `config.asymmetric`, `__call__` also takes the image and mask."""
 
-    def __init__(self, config: VAEConfig, dt: Dtypes, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, config: VAEConfig, dt: Dtypes, rngs: nnx.Rngs, remat: bool | str = False):
         widths, groups = config.up_block_out_channels[::-1], config.norm_num_groups  # low -> high res
         self.remat = remat
         self.conv_in = dt.conv(config.latent_channels, widths[0], 3, rngs)

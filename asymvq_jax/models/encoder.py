@@ -8,7 +8,7 @@ from asymvq_jax.models.config import VAEConfig
 
 class Encoder(nnx.Module):
 
-    def __init__(self, config: VAEConfig, dt: Dtypes, rngs: nnx.Rngs, remat: bool = False):
+    def __init__(self, config: VAEConfig, dt: Dtypes, rngs: nnx.Rngs, remat: bool | str = False):
         widths, groups = config.down_block_out_channels, config.norm_num_groups
         self.remat = remat
         self.conv_in = dt.conv(config.in_channels, widths[0], 3, rngs)

@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from asymvq_jax import checkpoint, parallel, paths
 from asymvq_jax.data import held_out_batch, make_train_iterator
@@ -25,17 +26,25 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class Preempted:
-    """Turns SIGTERM (a TPU preemption) into a flag the loop checks between steps."""
+    """SIGTERM (a TPU preemption) as a stop the loop checks between steps. With several hosts,
+    jax's preemption service catches the signal on any of them and all agree on one step."""
 
     def __init__(self):
-        self.requested = False
-        in_main_thread = threading.current_thread() is threading.main_thread()
+        self.requested, self.previous = False, None
+        self.multihost = jax.process_count() > 1
         # Python only lets the main thread install handlers; elsewhere SIGTERM keeps its default.
-        self.previous = signal.signal(signal.SIGTERM, self._handle) if in_main_thread else None
+        if not self.multihost and threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM: saving a checkpoint and stopping")
         self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        """Whether to save and stop after `step`; every host must ask at every step."""
+        if self.multihost:
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
 
     def restore(self):
         if self.previous is not None:
@@ -56,12 +65,13 @@ def train(config, workdir: str) -> dict[str, float]:
 
 
 def _train(config, workdir, cleanup) -> dict[str, float]:
-    # ---- workdir and mesh
+    # ---- hosts, workdir and mesh
+    parallel.initialize(config)
     paths.makedirs(workdir)
     logs.quiet_libraries()
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.get("mesh"))
     parallel.check_batch_size(config.batch_size, mesh)
-    rep = parallel.replicated(mesh)
+    logging.info("mesh %s", parallel.describe(mesh))
 
     # ---- input first: a missing or empty dataset fails before anything is built
     mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
@@ -70,27 +80,30 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     start = mgr.latest_step() or 0
     data = cleanup.enter_context(make_train_iterator(config, start_step=start))
 
-    # ---- models, optimizers, train state; resumed if the workdir has a checkpoint
-    graphdefs, state, consts, tx, disc_tx = build(config)
+    # ---- models, optimizers, train state: created sharded, or restored into the same shardings
+    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=bool(start))
     logging.info("model %s: %.2fM parameters trained, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
-    checkpoint.write_model_config(workdir, model_config(config))
-    state, consts = jax.device_put((state, consts), rep)
+    if jax.process_index() == 0:
+        checkpoint.write_model_config(workdir, model_config(config))
     if start:
         restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]}, start)
         state, consts["frozen"] = restored["train"], restored["frozen"]
         logging.info("resumed from %s at step %d", workdir, start)
 
-    # ---- the jitted step (state donated: it is replaced every step)
-    step_fn = jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
-                      in_shardings=(rep, rep, parallel.batch_sharding(mesh)), out_shardings=(rep, rep),
-                      donate_argnums=0)
-    sample_fn = jax.jit(make_sample_fn(graphdefs))
+    # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
+    # different times, and the first collective would not wait long for a late one
+    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts).lower(
+        state, consts, parallel.batch_spec(config, mesh)).compile()
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
     evaluator = make_train_evaluator(config, graphdefs) if evaluate_now else None
     grid = held_out_batch(config, GRID_EXAMPLES)
     grid_images, grid_masks = grid["image"], grid["mask"]
+    sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
+    sample_fn = jax.jit(make_sample_fn(graphdefs), in_shardings=(shardings(sample_params), shardings(consts), rep, rep),
+                        out_shardings=rep).lower(sample_params, consts, grid_images, grid_masks).compile()
+    parallel.sync_hosts("compiled")
 
     # ---- loop
     writer = logs.MetricWriter(workdir)
@@ -118,7 +131,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
         flush()  # the previous step's metrics, read while this step runs
         pending = (step, metrics)
-        stop = preempted.requested
+        stop = preempted(step)
         if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
             flush()  # never save or show a step whose losses were not checked
         if step % config.sample_every == 0 or step == config.total_steps:
@@ -136,6 +149,19 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
 
 def sample_path(workdir: str, step: int) -> str:
     return paths.join(workdir, "samples", f"step_{step:07d}.png")
+
+
+def shardings(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts):
+    """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
+    every step), the batch is split over every device, the metrics come back replicated."""
+    state_shardings = shardings(state)
+    return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
+                   in_shardings=(state_shardings, shardings(consts), parallel.batch_sharding(mesh)),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
 def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:

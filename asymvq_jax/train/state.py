@@ -3,6 +3,7 @@
 `trainable` decides what trains: the decoder (the asymmetric recipe) or, with
 `config.train_encoder`, the whole autoencoder (LDM's first stage). The rest lives in `frozen`,
 a separate tree that no optimizer sees and that the step never returns, so it cannot change.
+Everything is described abstractly first and created straight into its shardings.
 """
 
 import logging
@@ -13,6 +14,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from asymvq_jax import parallel
+from asymvq_jax.convert.keys import path_to_str
 from asymvq_jax.losses import LPIPS, NLayerDiscriminator
 from asymvq_jax.models import AutoencoderKL, VAEConfig, preset
 
@@ -33,46 +36,6 @@ def dtypes(config):
                 param_dtype=jnp.dtype(config.get("param_dtype", "float32")))
 
 
-def init_vae(config) -> tuple[AutoencoderKL, set[str]]:
-    """A fresh model, overwritten by every parameter of `config.init_from` with the same path
-    and shape. Returns the model and the dotted paths of the trainable parameters it took."""
-    vae = AutoencoderKL(model_config(config), rngs=nnx.Rngs(config.seed), remat=config.get("remat", False),
-                        **dtypes(config))
-    if not config.get("init_from"):
-        return vae, set()
-    source = dict(nnx.to_flat_state(nnx.state(load_source(config.init_from), nnx.Param)))
-    state, trains = nnx.state(vae, nnx.Param), trainable(config)
-    taken, pretrained, fresh = [], set(), []
-    for path, var in nnx.to_flat_state(state):
-        src = source.get(path)
-        if src is not None and src[...].shape == var[...].shape:
-            var[...] = src[...].astype(var[...].dtype)
-            taken.append(dotted(path))
-            if trains(path, var):
-                pretrained.add(dotted(path))
-        elif not trains(path, var):
-            raise ValueError(f"init_from={config.init_from}: it does not fit the model at {dotted(path)}, "
-                             "a frozen parameter (frozen parts must come whole from the checkpoint)")
-        else:
-            fresh.append(dotted(path))
-    nnx.update(vae, state)
-    logging.info("init_from %s: %d parameters loaded, %d trainable parameters fresh (%s)", config.init_from,
-                 len(taken), len(fresh), sorted({".".join(p.split(".")[:2]) for p in fresh}) or "none")
-    return vae, pretrained
-
-
-def load_source(path: str) -> AutoencoderKL:
-    """A training workdir (its latest step) or any checkpoint from_pretrained reads."""
-    from asymvq_jax import checkpoint
-    from asymvq_jax.convert import from_pretrained
-    return checkpoint.load_model(path) if checkpoint.is_workdir(path) else from_pretrained(path)
-
-
-def dotted(path) -> str:
-    """'decoder.up_blocks.0.conv1.kernel' from an nnx path or a jax key path."""
-    return ".".join(str(getattr(k, "key", k)) for k in path)
-
-
 def schedule(config) -> optax.Schedule:
     """Linear warm-up from `warmup_init_mult`x, then cosine to `end_lr` (the authors' recipe)."""
     return optax.warmup_cosine_decay_schedule(
@@ -91,7 +54,7 @@ def decoder_optimizer(config, pretrained: set[str]) -> optax.GradientTransformat
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "pretrained" if dotted(path) in pretrained else "new", params)
+            lambda path, _: "pretrained" if path_to_str(path) in pretrained else "new", params)
 
     return optax.multi_transform({"pretrained": adam(lambda c: mult * sched(c)), "new": adam(sched)},
                                  labels)
@@ -101,23 +64,119 @@ def pure(state) -> dict:
     return nnx.to_pure_dict(state)
 
 
-def build(config):
-    """Returns (graphdefs, train state, constants, decoder optimizer, discriminator optimizer)."""
-    vae, pretrained = init_vae(config)
+def key_path(path) -> tuple:
+    return tuple(getattr(k, "key", k) for k in path)
+
+
+def fresh_trees(config):
+    """Newly initialised models as pure trees, and their graphdefs. Run it under `jax.eval_shape`
+    or `jax.jit`: eagerly it would put every parameter on one device."""
+    vae = AutoencoderKL(model_config(config), rngs=nnx.Rngs(config.seed), remat=config.get("remat") or False,
+                        **dtypes(config))
     vae_def, params, frozen = nnx.split(vae, trainable(config), ...)
-    params = pure(params)
     disc = NLayerDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers, rngs=nnx.Rngs(config.seed + 1),
                                **dtypes(config))
     disc_def, disc_params, disc_stats = nnx.split(disc, nnx.Param, ...)
-    lpips_def, lpips_state = nnx.split(LPIPS(config.loss.get("lpips_weights") or None, dtype=dtypes(config)["dtype"]))
-    tx, disc_tx = decoder_optimizer(config, pretrained), adam(schedule(config))
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params),
-             "disc": {"params": pure(disc_params), "stats": pure(disc_stats)},
-             "disc_opt": disc_tx.init(pure(disc_params))}
-    if config.ema_decay:
-        state["ema"] = jax.tree.map(jnp.copy, params)
-    consts = {"frozen": pure(frozen), "lpips": pure(lpips_state)}
-    graphdefs = {"vae": vae_def, "disc": disc_def, "lpips": lpips_def}
+    trees = {"params": pure(params), "frozen": pure(frozen),
+             "disc": {"params": pure(disc_params), "stats": pure(disc_stats)}}
+    return {"vae": vae_def, "disc": disc_def}, trees
+
+
+def read_source(path: str) -> dict[tuple, np.ndarray]:
+    """The parameters (host memory) of a training workdir (latest step) or any checkpoint
+    from_pretrained reads."""
+    from asymvq_jax import checkpoint
+    from asymvq_jax.convert.api import read_params
+    if not checkpoint.is_workdir(path):
+        return read_params(path)[1]
+    flat = nnx.to_flat_state(nnx.state(checkpoint.load_model(path), nnx.Param))
+    return {key_path(k): np.asarray(v[...]) for k, v in flat}
+
+
+def pretrained_source(config, trees) -> tuple[dict[tuple, np.ndarray], set[str]]:
+    """The init_from parameters that fit `trees` by path and shape, and the dotted paths of the
+    trainable ones among them. The frozen parts must all fit; trainable parameters that do not
+    stay fresh (e.g. a new branch)."""
+    source, fits, fresh, pretrained = read_source(config.init_from), {}, [], set()
+    for trains, tree in ((True, trees["params"]), (False, trees["frozen"])):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            key = key_path(path)
+            if key in source and source[key].shape == x.shape:
+                fits[key] = source[key]
+                if trains:
+                    pretrained.add(path_to_str(key))
+            elif trains:
+                fresh.append(key)
+            else:
+                raise ValueError(f"init_from={config.init_from}: it does not fit the model at {path_to_str(key)}, "
+                                 "a frozen parameter (frozen parts must come whole from the checkpoint)")
+    logging.info("init_from %s: %d parameters loaded, %d trainable parameters fresh (%s)", config.init_from,
+                 len(fits), len(fresh), sorted({".".join(map(str, k[:2])) for k in fresh}) or "none")
+    return fits, pretrained
+
+
+def place(tree, source):
+    """Replaces the arrays `source` holds, each device receiving only its own shard."""
+    def put(path, x):
+        src = source.get(key_path(path))
+        if src is None:
+            return x
+        src = src.astype(x.dtype)
+        return jax.make_array_from_callback(x.shape, x.sharding, lambda index: src[index])
+    return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def lpips_on_host(config):
+    """LPIPS comes from a file: read into host memory, then placed like any other tree."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        lpips_def, state = nnx.split(LPIPS(config.loss.get("lpips_weights") or None, dtype=dtypes(config)["dtype"]))
+        return lpips_def, pure(state)
+
+
+def build(config, mesh=None, *, abstract: bool = False):
+    """Returns (graphdefs, train state, constants, decoder optimizer, discriminator optimizer).
+
+    The state is described with `jax.eval_shape`, then created by jitted calls straight into
+    the shardings `parallel.shardings` gives it (init_from weights go shard by shard), so with
+    fsdp > 1 no device ever holds a whole copy. `abstract=True` gives the state and the frozen
+    parameters as ShapeDtypeStructs with their shardings: what a restore fills.
+    """
+    mesh = mesh or parallel.make_mesh(config.get("mesh"))
+    shard = lambda tree: parallel.shardings(tree, mesh, parallel.fsdp_min_size(config))  # noqa: E731
+    graphdefs = {}
+
+    def fresh():
+        defs, trees = fresh_trees(config)
+        graphdefs.update(defs)
+        return trees
+
+    trees = jax.eval_shape(fresh)
+    trees = with_shardings(trees, shard(trees))
+    source, pretrained = pretrained_source(config, trees) if config.get("init_from") else ({}, set())
+    tx = decoder_optimizer(config, pretrained)
+    disc_tx = adam(schedule(config))
+
+    def make_state(params, disc):
+        state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params), "disc": disc,
+                 "disc_opt": disc_tx.init(disc["params"])}
+        if config.ema_decay:
+            state["ema"] = jax.tree.map(jnp.copy, params)
+        return state
+
+    abstract_state = jax.eval_shape(make_state, trees["params"], trees["disc"])
+    state_shardings = shard(abstract_state)
+    if abstract:
+        state, frozen = with_shardings(abstract_state, state_shardings), trees["frozen"]
+    else:
+        trees = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, trees))()
+        params, frozen = place(trees["params"], source), place(trees["frozen"], source)
+        state = jax.jit(make_state, out_shardings=state_shardings, donate_argnums=(0, 1))(params, trees["disc"])
+    graphdefs["lpips"], lpips = lpips_on_host(config)
+    consts = {"frozen": frozen, "lpips": jax.device_put(lpips, shard(lpips))}
     return graphdefs, state, consts, tx, disc_tx
 
 

@@ -1,0 +1,154 @@
+"""Runs the tiny model on simulated devices and several processes, for test_parallel and test_multihost.
+
+Device counts are fixed when jax starts, so each run is a subprocess with its own XLA_FLAGS.
+`python -m tests.multidevice steps OUT PHOTOS LPIPS` (8 devices): one train step on
+several meshes, saved to OUT for the tests to compare.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The programs are tiny: compile them fast rather than well.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+MESHES = {"1": (1, {}), "8x1": (8, {"data": 8, "fsdp": 1}), "4x2": (8, {"data": 4, "fsdp": 2}),
+          "2x4": (8, {"data": 2, "fsdp": 4})}
+
+
+def env(devices: int, **extra) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", **extra}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(args: list[str], devices: int, log_path: str, **extra) -> subprocess.Popen:
+    """A subprocess of this tree with `devices` simulated CPU devices; output goes to `log_path`."""
+    log = open(log_path, "w")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env(devices, **extra), stdout=log,
+                            stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log_path: str, timeout: float = 1800) -> str:
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a run behind
+        raise
+    text = open(log_path).read()
+    assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def make_assets(root) -> dict[str, str]:
+    """Real photos and a random-weight LPIPS file (the real one needs a download)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from asymvq_jax.data import sample_photos_dir
+    from asymvq_jax.losses.lpips import expected_shapes
+    rng = np.random.default_rng(0)
+    lpips = {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
+                 np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
+    save_file(lpips, os.path.join(root, "lpips.safetensors"))
+    return {"photos": sample_photos_dir(os.path.join(root, "photos")),
+            "lpips": os.path.join(root, "lpips.safetensors")}
+
+
+def metrics(workdir: str) -> dict[int, dict]:
+    """Everything logged per step (train metrics and sample metrics are separate records)."""
+    merged = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for record in map(json.loads, f):
+            merged.setdefault(record["step"], {}).update(record)
+    return merged
+
+
+def tiny(photos: str, lpips: str, **changes):
+    from tests import tiny_config
+    c = tiny_config.get_config()
+    c.data.path, c.loss.lpips_weights = photos, lpips
+    c.batch_size, c.mesh.fsdp_min_size = 8, 2**8  # the tiny kernels are large enough to split
+    c.update_from_flattened_dict(changes)
+    return c
+
+
+def steps(out: str, photos: str, lpips: str) -> None:
+    """One step on each mesh of MESHES: metrics, updated parameters, and what each device holds."""
+    import jax
+    import numpy as np
+
+    from asymvq_jax import checkpoint, parallel
+    from asymvq_jax.data import batch_for_step
+    from asymvq_jax.train.loop import jit_step
+    from asymvq_jax.train.state import build
+
+    config = tiny(photos, lpips)
+    batch = batch_for_step(config, 0, process_index=0, process_count=1)
+    report = {}
+    for name, (count, sizes) in MESHES.items():
+        mesh = parallel.make_mesh(sizes, jax.devices()[:count])
+        graphdefs, state, consts, tx, disc_tx = build(config, mesh)
+        held = {path: (x.nbytes, x.addressable_shards[0].data.nbytes, str(x.sharding.spec))
+                for path, x in checkpoint.flatten({"params": state["params"], "opt": state["opt"]}).items()}
+        global_batch = parallel.global_batch(batch, mesh)
+        state, metrics = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts)(state, consts, global_batch)
+        np.savez(os.path.join(out, f"params_{name}.npz"), **checkpoint.flatten(jax.device_get(state["params"])))
+        report[name] = {"metrics": {k: float(v) for k, v in jax.device_get(metrics).items()}, "held": held,
+                        "batch_shards": [s.data.shape[0] for s in global_batch["image"].addressable_shards]}
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f)
+
+
+def host(record_dir: str, *train_args: str) -> None:
+    """train.py, watched: what this process read (a digest per step) and whether it drew grids."""
+    import hashlib
+
+    import jax
+    from absl import app
+
+    import train
+    from asymvq_jax.train import logs, loop
+
+    seen = {"batches": [], "grids": 0}
+    make_iterator, save_grid = loop.make_train_iterator, logs.save_grid
+
+    class Watched:
+        def __init__(self, *args, **kwargs):
+            self.it = make_iterator(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.it.close()
+
+        def __next__(self):
+            batch = next(self.it)
+            seen["batches"].append(hashlib.sha1(batch["image"].tobytes()).hexdigest())
+            return batch
+
+    def counted_grid(*args):
+        seen["grids"] += 1
+        save_grid(*args)
+
+    loop.make_train_iterator, logs.save_grid = Watched, counted_grid
+    try:
+        app.run(train.main, argv=["train.py", *train_args])
+    except SystemExit as e:
+        if e.code:
+            raise
+    finally:
+        with open(os.path.join(record_dir, f"process_{jax.process_index()}.json"), "w") as f:
+            json.dump(seen, f)
+
+
+if __name__ == "__main__":
+    {"steps": steps, "host": host}[sys.argv[1]](*sys.argv[2:])

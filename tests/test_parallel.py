@@ -1,0 +1,125 @@
+"""The train step on 8 simulated devices: meshes agree with one device, fsdp shards, checkpoints move between meshes.
+
+Device counts are fixed per process, so every run here is a subprocess (tests/multidevice.py).
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from asymvq_jax import checkpoint
+from tests import multidevice
+
+pytestmark = pytest.mark.slow
+LR = 1e-3  # tiny_config's constant learning rate
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return multidevice.make_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+@pytest.fixture(scope="module")
+def stepped(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("steps"))
+    log = os.path.join(out, "log.txt")
+    proc = multidevice.start(["-m", "tests.multidevice", "steps", out, assets["photos"], assets["lpips"]], 8, log)
+    multidevice.finish(proc, log)
+    with open(os.path.join(out, "report.json")) as f:
+        return out, json.load(f)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
+def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
+    out, report = stepped
+    want, got = report["1"]["metrics"], report[mesh]["metrics"]
+    for term in ("loss", "nll", "l1", "known_mse", "kl"):
+        assert got[term] == pytest.approx(want[term], rel=1e-5, abs=1e-7), term
+    ref, new = np.load(os.path.join(out, "params_1.npz")), np.load(os.path.join(out, f"params_{mesh}.npz"))
+    assert ref.files == new.files and len(ref.files) > 50
+    # Adam's first step is +-lr per element whatever the gradient's size, so an element whose
+    # gradient is at rounding level (the attention key bias has an exactly zero one) moves by
+    # +-lr on the sign of that noise, which depends on the summation order. Every element is
+    # within 2 lr; all but a handful within float rounding.
+    off, total = 0, 0
+    for key in ref.files:
+        diff = np.abs(new[key] - ref[key])
+        assert diff.max() <= 2 * LR + 1e-6, key
+        if not key.endswith("to_k.bias"):
+            off += int(np.sum(diff > 1e-5 + 1e-4 * np.abs(ref[key])))
+            total += diff.size
+    assert off <= 1e-3 * total, (off, total)
+
+
+@pytest.mark.parametrize("mesh, fsdp", [("4x2", 2), ("2x4", 4)])
+def test_fsdp_splits_parameters_and_optimizer_state_and_the_batch(stepped, mesh, fsdp):
+    _, report = stepped
+    held = report[mesh]["held"]  # path -> (bytes of the array, bytes on device 0, partition spec)
+    sharded = {k: v for k, v in held.items() if "fsdp" in v[2]}
+    assert any(k.startswith("params.") for k in sharded) and any(k.startswith("opt.") for k in sharded)
+    for key, (whole, on_device, _) in sharded.items():
+        assert on_device * fsdp == whole, key
+    # Only arrays under fsdp_min_size (biases, norms) stay whole.
+    assert sum(v[0] for v in sharded.values()) > 0.9 * sum(v[0] for v in held.values())
+    one_device = sum(v[1] for v in report["1"]["held"].values())
+    assert sum(v[1] for v in held.values()) < one_device / fsdp * 1.1
+    assert report[mesh]["batch_shards"] == [1] * 8  # batch 8 over 8 devices
+
+
+@pytest.fixture(scope="module")
+def runlocal(tmp_path_factory):
+    """The command the README gives, saving every step so the restore test can start from step 1."""
+    workdir = str(tmp_path_factory.mktemp("runlocal") / "run")
+    log = workdir + ".log"
+    proc = multidevice.start(["train.py", "--config", "configs/tpu_v4.py:runlocal", "--workdir", workdir,
+                              "--config.checkpoint_every=1"], 8, log)
+    return workdir, multidevice.finish(proc, log)
+
+
+def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
+    workdir, log = runlocal
+    assert "mesh data=4 x fsdp=2" in log
+    assert checkpoint.manager(workdir).latest_step() == 3
+    assert sorted(multidevice.metrics(workdir)) == [1, 2, 3]
+    checkpoint.load_model(workdir)
+
+
+def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
+    source, _ = runlocal
+    want = multidevice.metrics(source)[2]
+    runs = {}
+    for devices, fsdp in ((2, 1), (4, 2)):
+        workdir = str(tmp_path / f"on{devices}")
+        shutil.copytree(source, workdir)
+        for step in (2, 3):
+            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+        os.remove(os.path.join(workdir, "metrics.jsonl"))
+        log = workdir + ".log"
+        runs[devices] = workdir, log, multidevice.start(
+            ["train.py", "--config", "configs/tpu_v4.py:runlocal", "--workdir", workdir,
+             "--config.total_steps=2", f"--config.mesh.fsdp={fsdp}"], devices, log)
+    for devices, (workdir, log, proc) in runs.items():
+        text = multidevice.finish(proc, log)
+        assert "resumed" in text and f"fsdp={2 if devices == 4 else 1}" in text
+        got = multidevice.metrics(workdir)
+        assert sorted(got) == [2]
+        for term in ("loss", "nll", "known_mse"):
+            # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes
+            assert got[2][term] == pytest.approx(want[term], rel=3e-3), (devices, term)
+
+
+def test_mesh_sizes_and_the_sharding_rule():
+    from asymvq_jax.parallel import P, mesh_shape, spec
+    assert mesh_shape({}, 8) == (8, 1) and mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2)
+    assert mesh_shape({"data": 2, "fsdp": -1}, 8) == (2, 4)
+    for bad, words in (({"data": -1, "fsdp": -1}, "at most one -1"), ({"fsdp": 3}, "does not divide"),
+                       ({"data": 2, "fsdp": 2}, "uses 4 of 8")):
+        with pytest.raises(ValueError, match=words):
+            mesh_shape(bad, 8)
+    # The largest divisible dimension (the later one on ties); small or indivisible arrays replicate.
+    assert spec((3, 3, 768, 768), 4, 2**18) == P(None, None, None, "fsdp")
+    assert spec((3, 3, 768, 384), 4, 2**18) == P(None, None, "fsdp", None)
+    assert spec((768,), 4, 2**18) == P() and spec((3, 3, 3, 3), 2, 1) == P() and spec((512, 512), 1, 1) == P()
