@@ -12,7 +12,7 @@ from flax import nnx
 from asymvq_jax import checkpoint, from_pretrained, save_pretrained
 from asymvq_jax.data import batch_for_step, held_out_batch
 from asymvq_jax.train import stages
-from asymvq_jax.train.state import build, init_vae, merge_vae
+from asymvq_jax.train.state import build, merge_vae, pretrained_source
 from configs import local
 
 pytestmark = pytest.mark.slow
@@ -93,7 +93,9 @@ def test_stage_two_starts_from_stage_one(run):
     config, workdir = run
     stage, _ = stages.resolve(config, "asymmetric", workdir)
     assert stage.init_from == os.path.join(workdir, "autoencoder")
-    vae, pretrained = init_vae(stage)
+    graphdefs, state, consts, _, _ = build(stage)
+    vae = merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
+    _, pretrained = pretrained_source(stage, {"params": state["params"], "frozen": consts["frozen"]})
     start, stage_one = params(vae), params(checkpoint.load_model(stage.init_from))
     branch = {k for k in start if k.startswith("decoder.condition_encoder.")}
     assert branch and set(start) - branch == set(stage_one)
