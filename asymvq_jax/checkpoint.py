@@ -50,7 +50,7 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
     # Onto this process's first device, whatever mesh and hosts saved it.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = ocp.StandardCheckpointer().metadata(os.path.join(str(mgr.directory), str(step), "default"))
+    meta = ocp.StandardCheckpointer().metadata(mgr.directory / str(step) / "default")
     target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           getattr(meta, "item_metadata", meta))
     saved = mgr.restore(step, args=ocp.args.StandardRestore(target))

@@ -157,7 +157,7 @@ def test_gs_workdir_holds_checkpoints_samples_and_events(runs):
     resumed_run, _ = runs
     assert {3, 6} <= set(checkpoint.manager(resumed_run).all_steps())
     grid = Image.open(io.BytesIO(paths.read_bytes(f"{resumed_run}/samples/step_0000003.png")))
-    assert grid.size[0] == 4 * 32 and grid.mode == "RGB"
+    assert grid.size[0] == 4 * 256 and grid.mode == "RGB"  # 4 columns, 32 px enlarged to 256
     scalars = event_scalars(f"{resumed_run}/tensorboard")  # one event file per run, both kept
     assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([scalars["loss"][s] for s in range(1, 7)],

@@ -24,10 +24,10 @@ def all_finite(tree) -> jax.Array:
 def make_train_step(config, graphdefs, tx, disc_tx):
     loss_cfg = config.loss
     base_key = jax.random.key(config.seed)
-    # Terms that are 0 throughout the run are left out of the compiled step (on a CPU, LPIPS-VGG16
+    # Terms switched off in the config are left out of the compiled step (on a CPU, LPIPS-VGG16
     # is most of a small model's step, and the discriminator a good part of its compile time).
     use_lpips = loss_cfg.perceptual_weight != 0
-    use_gan = loss_cfg.disc_start <= config.total_steps and loss_cfg.disc_factor != 0
+    use_gan = loss_cfg.disc_factor != 0
 
     def train_step(state, consts, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
