@@ -260,12 +260,12 @@ def load(weights: str | os.PathLike | dict | None = None) -> InceptionV3:
 
 def build_from_pth(pth: str, out: str) -> str:
     """Our weight file from pytorch-fid's published `.pth` (read with torch, weights only)."""
-    from asymvq_jax.convert.writers import atomic_path
+    from asymvq_jax import paths
     from asymvq_jax.losses.lpips_weights import load_torch_state_dict
     from safetensors.numpy import save_file
     weights = from_torch(load_torch_state_dict(pth))
     load(weights)  # every key present with its shape, or a clear error
-    with atomic_path(out, is_dir=False) as tmp:
+    with paths.atomic_output(out, is_dir=False) as tmp:
         save_file(weights, tmp, metadata={"format": "asymvq-fid-inception", "source": os.path.basename(pth)})
     return out
 

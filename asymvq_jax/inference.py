@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from asymvq_jax import paths
 from asymvq_jax.models import AutoencoderKL
 
 
@@ -160,9 +161,8 @@ def read_mask(path) -> np.ndarray:
 
 def write_image(path, x) -> None:
     """Writes [H, W, 3] in [-1, 1] as 8-bit; whole or not at all."""
-    from asymvq_jax.convert.writers import atomic_path
     pixels = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    with atomic_path(os.fspath(path), is_dir=False) as tmp:
+    with paths.atomic_output(path, is_dir=False) as tmp:
         Image.fromarray(pixels).save(tmp, format=_format(path))
 
 

@@ -252,7 +252,6 @@ def test_load_model_from_training_workdir(vae, tmp_path):
         node = tree.setdefault("train" if path[0] == "decoder" else "frozen", {})
         if path[0] == "decoder":
             node = node.setdefault("params", {})
-            path = path[1:]
         for key in map(str, path[:-1]):
             node = node.setdefault(key, {})
         node[str(path[-1])] = value
