@@ -14,7 +14,7 @@ from asymvq_jax import checkpoint
 from asymvq_jax.data import batch_for_step
 from tests import multidevice
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.pod]
 TINY = os.path.join(multidevice.ROOT, "tests", "tiny_config.py")
 
 

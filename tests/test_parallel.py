@@ -32,6 +32,7 @@ def stepped(assets, tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.mark.pod
 @pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
 def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
     out, report = stepped
@@ -54,6 +55,7 @@ def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
     assert off <= 1e-3 * total, (off, total)
 
 
+@pytest.mark.pod
 @pytest.mark.parametrize("mesh, fsdp", [("4x2", 2), ("2x4", 4)])
 def test_fsdp_splits_parameters_and_optimizer_state_and_the_batch(stepped, mesh, fsdp):
     _, report = stepped
@@ -79,6 +81,7 @@ def runlocal(tmp_path_factory):
     return workdir, multidevice.finish(proc, log)
 
 
+@pytest.mark.pod
 def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
     workdir, log = runlocal
     assert "mesh data=4 x fsdp=2" in log
@@ -87,6 +90,7 @@ def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
     checkpoint.load_model(workdir)
 
 
+@pytest.mark.pod
 def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
     source, _ = runlocal
     want = multidevice.metrics(source)[2]
