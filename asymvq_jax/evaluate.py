@@ -263,7 +263,8 @@ def write_outputs(results: dict, out_dir: str) -> None:
     for name, sets in grids.items():
         for which, rows in sets.items():
             if rows:
-                columns = [np.stack([r[j] for r in rows]) for j in range(len(rows[0]))]
+                labels = ("input", "masked input", "plain decode", "guided decode")[:len(rows[0])]
+                columns = {label: np.stack([r[j] for r in rows]) for j, label in enumerate(labels)}
                 save_grid(os.path.join(out_dir, f"{name}_{which}.png"), columns)
     logging.info("wrote %s", out_dir)
 
