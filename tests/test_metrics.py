@@ -124,13 +124,8 @@ def test_bad_shapes_are_named():
 
 @pytest.fixture(scope="module")
 def pytorch_fid():
-    """pytorch-fid's modules. PyPI's torchvision wheel is built against CUDA torch and its compiled
-    ops cannot load beside the CPU torch; pytorch-fid uses only torchvision's Python model code,
-    so the registration of those ops is skipped."""
+    """pytorch-fid's modules (scripts/setup.sh makes torchvision importable beside the CPU torch)."""
     pytest.importorskip("torch")
-    import sys
-    import types
-    sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
     pytest.importorskip("torchvision")
     import pytorch_fid.fid_score
     import pytorch_fid.inception
