@@ -4,6 +4,7 @@ with every metric of `metrics`, sharded over all devices and hosts like training
 import dataclasses
 import functools
 import heapq
+import io
 import json
 import logging
 import os
@@ -13,11 +14,12 @@ import time
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 from jax.experimental import multihost_utils
 
 from asymvq_jax import checkpoint, metrics, parallel
 from asymvq_jax.data.evalset import eval_batches, folder_images, load_masks, tfds_images
-from asymvq_jax.data.folder import sample_photos_dir
+from asymvq_jax.data.folder import BUNDLED_PHOTOS, bundled_photo
 from asymvq_jax.models import VAEConfig
 
 MODES = ("plain", "guided")
@@ -51,11 +53,16 @@ def load_decoder(path: str, *, step: int | None = None, allow_pickle: bool = Fal
     return Decoder(os.path.basename(os.path.normpath(path)), graphdef, (state,), vae.config)
 
 
+def png_bytes(pixels: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG")
+    return out.getvalue()
+
+
 def dataset_images(spec: str, limit: int = 0):
     """`folder:PATH` (or a bare folder), `tfds:NAME/SPLIT[@DATA_DIR]`, or `bundled_photos`."""
     if spec == "bundled_photos":
-        path = sample_photos_dir(os.path.expanduser("~/.cache/asymvq_jax/photos"))
-        return folder_images(path)[: limit or None]
+        return [(name, png_bytes(bundled_photo(name))) for name in BUNDLED_PHOTOS][: limit or None]
     if spec.startswith("tfds:"):
         name_split, _, data_dir = spec[5:].partition("@")
         name, _, split = name_split.partition("/")
