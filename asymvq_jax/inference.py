@@ -15,6 +15,7 @@ from PIL import Image
 
 from asymvq_jax import paths
 from asymvq_jax.models import AutoencoderKL
+from asymvq_jax.models.condition import blend
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -55,12 +56,6 @@ def _decode_mid(graphdef, state, z):
     return vae.decoder.mid(vae.post_quant_conv(z))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _decode_up(graphdef, state, h, image, mask):
-    decoder = nnx.merge(graphdef, state).decoder
-    return decoder.conv_out(decoder.up(h, image, mask))
-
-
 def encode(vae: AutoencoderKL, x) -> jax.Array:
     """The posterior mode (unscaled latents) of images [B, H, W, 3] in [-1, 1], H and W multiples of 8."""
     return _encode(*nnx.split(vae), jnp.asarray(x, compute_dtype(vae)))
@@ -86,23 +81,90 @@ def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
     return [round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def ramp(length: int, fade: int, fade_start: bool, fade_end: bool) -> np.ndarray:
-    """Blend weights along one tile axis: linear over `fade` pixels at the edges shared with a neighbour."""
-    w = np.ones(length, np.float32)
-    rise = (np.arange(fade, dtype=np.float32) + 0.5) / fade
-    if fade_start:
-        w[:fade] = rise
-    if fade_end:
-        w[length - fade:] = rise[::-1]
-    return w
+def core_bounds(starts: list[int], tile: int, size: int) -> list[tuple[int, int]]:
+    """Each tile's own part of [0, size): neighbours' overlaps split in the middle, so the parts
+    cover every row once."""
+    cuts = [0] + [(a + tile + b) // 2 for a, b in zip(starts, starts[1:])] + [size]
+    return list(zip(cuts, cuts[1:]))
+
+
+def _normalize(norm: nnx.GroupNorm, x, stats):
+    """`norm` with given per-group (mean, variance) [B, G] in place of x's own; nnx's arithmetic."""
+    mean, var = (jnp.repeat(s, norm.group_size, axis=1)[:, None, None, :] for s in stats)
+    x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
+    return ((x - mean) * (jax.lax.rsqrt(var + norm.epsilon) * scale) + bias).astype(x.dtype)
+
+
+def _core_moments(norm: nnx.GroupNorm, x, core):
+    """(count, mean, sum of squared deviations) per example and group of x over the tile's core
+    (`core`: 1 inside, 0 outside, at latent resolution), in float32 as GroupNorm computes them."""
+    f = x.shape[1] // core.shape[0]
+    inside = jnp.repeat(jnp.repeat(core, f, 0), f, 1)[None, :, :, None, None]
+    g = x.astype(jnp.float32).reshape(*x.shape[:3], norm.num_groups, -1)
+    count = inside.sum() * g.shape[-1]
+    mean = (g * inside).sum((1, 2, 4)) / count
+    return count, mean, (inside * (g - mean[:, None, None, :, None]) ** 2).sum((1, 2, 4))
+
+
+def _global_stats(moments) -> tuple[np.ndarray, np.ndarray]:
+    """Per-tile moments merged (Chan et al.) into the mean and variance of the whole image, in float64."""
+    counts, means, m2s = ([np.asarray(m[i], np.float64) for m in moments] for i in range(3))
+    n = sum(counts)
+    mean = sum(c * m for c, m in zip(counts, means)) / n
+    m2 = sum(s + c * (m - mean) ** 2 for c, m, s in zip(counts, means, m2s))
+    return mean.astype(np.float32), (m2 / n).astype(np.float32)
+
+
+def _num_stages(decoder) -> int:
+    return 2 * sum(len(block.resnets) for block in decoder.up_blocks) + 2
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _tile_stage(graphdef, state, k, carry, stats, image, mask, core):
+    """Stage k of the up levels on one tile. The stages are cut at the GroupNorms: each normalises
+    the carry's last array with the whole image's statistics (`stats`), runs to the next GroupNorm
+    and returns the new carry with that norm's input moments over the tile's core. The arithmetic
+    mirrors `Decoder.up` and `ResnetBlock`."""
+    decoder = nnx.merge(graphdef, state).decoder
+    resnets = [(i, j, r) for i, block in enumerate(decoder.up_blocks) for j, r in enumerate(block.resnets)]
+
+    def cond(level):  # the branch feature blended in before up block `level` (or conv_norm_out)
+        return decoder.condition_encoder((1 - mask) * image)[::-1][level]
+
+    if k == 0:  # the mid block's output, blended
+        h = carry[0] if image is None else blend(carry[0], cond(0), mask)
+        return (h,), _core_moments(resnets[0][2].norm1, h, core)
+    if k == _num_stages(decoder) - 1:
+        return (decoder.conv_out(nnx.silu(_normalize(decoder.conv_norm_out, carry[0], stats))),), None
+    i, j, resnet = resnets[(k - 1) // 2]
+    if k % 2:  # norm1 .. conv1; the shortcut is taken now, so the carry holds two arrays of one width
+        x = carry[0]
+        h = resnet.conv1(nnx.silu(_normalize(resnet.norm1, x, stats)))
+        residual = x if resnet.conv_shortcut is None else resnet.conv_shortcut(x)
+        return (residual, h), _core_moments(resnet.norm2, h, core)
+    residual, h = carry
+    x = residual + resnet.conv2(nnx.silu(_normalize(resnet.norm2, h, stats)))
+    block = decoder.up_blocks[i]
+    if j + 1 < len(block.resnets):
+        return (x,), _core_moments(block.resnets[j + 1].norm1, x, core)
+    for up in block.upsamplers:
+        x = up(x)
+    if image is not None:
+        x = blend(x, cond(i + 1), mask)
+    norm = decoder.conv_norm_out if i + 1 == len(decoder.up_blocks) else decoder.up_blocks[i + 1].resnets[0].norm1
+    return (x,), _core_moments(norm, x, core)
 
 
 def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64, overlap: int = 16,
                  progress: bool = False) -> np.ndarray:
-    """`decode` with the up levels in overlapping latent tiles of `tile` x `tile`, blended linearly
-    across the overlap. The mid block (and its attention) runs on the whole latent first: it is
-    small; the up levels hold nearly all the memory. Their GroupNorms see one tile at a time, so
-    the result differs slightly from an untiled decode.
+    """`decode` with the up levels in overlapping latent tiles of `tile` x `tile`. The mid block (and
+    its attention) runs on the whole latent first: it is small; the up levels hold nearly all the
+    memory. They run stage by stage (`_tile_stage`) over all tiles, the activations waiting on the
+    host, so that every GroupNorm normalises with the statistics of the whole image. Each output
+    pixel comes from the tile whose core (`core_bounds`) holds it, at least overlap/2 latent pixels
+    from that tile's border: the rest of the tile is context for the convolutions, which see zero
+    padding at the border. The result differs from an untiled decode only by what reaches the core
+    from there.
     """
     if overlap <= 0 or overlap * 2 > tile:
         raise ValueError(f"tile overlap must be in [1, tile/2]; got tile={tile}, overlap={overlap}")
@@ -115,24 +177,33 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
     graphdef, state = nnx.split(vae)
     mid = np.asarray(_decode_mid(graphdef, state, z))
     s = vae.downscale
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
     th, tw = min(tile, h), min(tile, w)
-    out = np.zeros((b, h * s, w * s, vae.config.out_channels), np.float32)
-    total = np.zeros((1, h * s, w * s, 1), np.float32)
-    bar = _progress(len(ys) * len(xs), progress, "tiles")
-    for y in ys:
-        wy = ramp(th * s, overlap * s, y > 0, y + th < h)
-        for x in xs:
-            wx = ramp(tw * s, overlap * s, x > 0, x + tw < w)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    tiles = [(y, x, rows, cols) for y, rows in zip(ys, core_bounds(ys, th, h))
+             for x, cols in zip(xs, core_bounds(xs, tw, w))]
+    cores = []
+    for y, x, (y0, y1), (x0, x1) in tiles:
+        cores.append(np.zeros((th, tw), np.float32))
+        cores[-1][y0 - y:y1 - y, x0 - x:x1 - x] = 1
+    carries = [(mid[:, y:y + th, x:x + tw],) for y, x, _, _ in tiles]
+    stages = _num_stages(vae.decoder)
+    bar = _progress(stages * len(tiles), progress, "tile stages")
+    stats = None
+    for k in range(stages):
+        moments = []
+        for t, (y, x, _, _) in enumerate(tiles):
             pixels = np.s_[:, y * s:(y + th) * s, x * s:(x + tw) * s]
             cond = (None, None) if image is None else (image[pixels], mask[pixels])
-            weight = (wy[:, None] * wx[None, :])[None, :, :, None]
-            tile_out = _decode_up(graphdef, state, mid[:, y:y + th, x:x + tw], *cond)
-            out[pixels] += weight * np.asarray(tile_out, np.float32)
-            total[pixels] += weight
+            carry, m = _tile_stage(graphdef, state, k, carries[t], stats, *cond, cores[t])
+            carries[t] = tuple(np.asarray(a) for a in carry)  # on the host: device memory follows the tile
+            moments.append(m)
             bar.update()
+        stats = _global_stats(moments) if k + 1 < stages else None
     bar.close()
-    return out / total
+    out = np.zeros((b, h * s, w * s, vae.config.out_channels), np.float32)
+    for (y, x, (y0, y1), (x0, x1)), (tile_out,) in zip(tiles, carries):
+        out[:, y0 * s:y1 * s, x0 * s:x1 * s] = tile_out[:, (y0 - y) * s:(y1 - y) * s, (x0 - x) * s:(x1 - x) * s]
+    return out
 
 
 def _progress(total: int, enabled: bool, unit: str):

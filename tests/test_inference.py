@@ -118,30 +118,47 @@ def test_tile_starts_cover_with_overlap():
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
 
 
-# Measured on random weights, latents and image (printed with -s); the up levels' GroupNorms see one
-# tile each, and the mask covers each tile differently. A trained decoder on natural latents differs
-# less. Bounds: about 1.5x the values seen. (mean abs error away from seams, in the seam band, max there)
-BOUNDS = {"plain": (0.06, 0.12, 0.6), "guided": (0.2, 0.35, 3.0)}
+def test_core_bounds_split_the_overlaps_in_the_middle():
+    assert inference.core_bounds([0, 8], 16, 24) == [(0, 12), (12, 24)]
+    assert inference.core_bounds([0, 6, 12], 16, 28) == [(0, 11), (11, 17), (17, 28)]
+    assert inference.core_bounds([0], 20, 20) == [(0, 20)]
+
+
+def test_one_tile_equals_untiled(vae):
+    """With a single tile the stage-by-stage path is the untiled decode, GroupNorms and all."""
+    x, mask, z = inputs(64)
+    for cond in [(None, None), (x, mask)]:
+        full = np.asarray(inference.decode(vae, z, *cond))
+        np.testing.assert_allclose(inference.decode_tiled(vae, z, *cond, tile=8, overlap=2), full, atol=JIT_TOL)
+
+
+# Measured on random weights, latents and image (printed with -s). The GroupNorms use the whole image's
+# statistics, so tiles differ only where a convolution sees a tile's zero padding: the core's edge,
+# overlap/2 = 4 latent pixels from the border, and through the statistics taken there. Seen: away from
+# seams 1.4e-4 / 2.7e-4 (mean), in the overlap band 3.0e-3 / 4.9e-3 (mean), 0.054 / 0.24 (max: one pixel
+# where the mask's edge meets the cut). Bounds: about 1.5x. (mean away from seams, band mean, band max)
+BOUNDS = {"plain": (2e-4, 5e-3, 0.08), "guided": (4e-4, 8e-3, 0.36)}
 
 
 @pytest.mark.parametrize("kind", ["plain", "guided"])
 def test_tiled_decode_matches_untiled_without_seams(vae, kind):
-    x, mask, z = inputs(224)  # latent 28: two 16-tiles per axis, overlapping on latent rows 12..15
+    x, mask, z = inputs(192)  # latent 24: two 16-tiles per axis, overlapping on latent rows 8..15, cut at 12
     cond = (x, mask) if kind == "guided" else (None, None)
     full = np.asarray(inference.decode(vae, z, *cond))
-    tiled = inference.decode_tiled(vae, z, *cond, tile=16, overlap=4)
+    tiled = inference.decode_tiled(vae, z, *cond, tile=16, overlap=8)
     err = np.abs(tiled - full).max(-1)[0]
     seam = np.zeros(err.shape, bool)
-    seam[96:128], seam[:, 96:128] = True, True  # the overlap band (pixels), both axes
+    seam[64:128], seam[:, 64:128] = True, True  # the overlap band (pixels), both axes
     far, at_seam = err[~seam], err[seam]
-    print(f"{kind} tiled vs untiled: away from seams mean {far.mean():.4f} max {far.max():.4f}; seam band "
-          f"mean {at_seam.mean():.4f} max {at_seam.max():.4f} (output std {full.std():.2f})")
+    print(f"{kind} tiled vs untiled: away from seams mean {far.mean():.1e} max {far.max():.1e}; seam band "
+          f"mean {at_seam.mean():.1e} max {at_seam.max():.1e} (output std {full.std():.2f})")
     far_mean, seam_mean, seam_max = BOUNDS[kind]
     assert far.mean() < far_mean and at_seam.mean() < seam_mean and at_seam.max() < seam_max
-    # No visible seam: the image does not step where a tile's contribution starts or ends.
-    step = np.abs(np.diff(tiled[0], axis=0)).mean((1, 2))
-    ref_step = np.abs(np.diff(full[0], axis=0)).mean((1, 2))
-    assert np.all(step[[95, 127]] < 1.5 * ref_step[[95, 127]] + 0.02), (step[[95, 127]], ref_step[[95, 127]])
+    # No visible seam: the image does not step where one tile's pixels give way to the next's.
+    for axis in (0, 1):
+        step = np.abs(np.diff(tiled[0], axis=axis)).mean((1 - axis, 2))[95]
+        ref_step = np.abs(np.diff(full[0], axis=axis)).mean((1 - axis, 2))[95]
+        assert abs(step - ref_step) < 0.02 * ref_step, (axis, step, ref_step)
 
 
 def test_2048px_tiled_decode_peak_memory(tmp_path):
