@@ -119,40 +119,58 @@ def _num_stages(decoder) -> int:
     return 2 * sum(len(block.resnets) for block in decoder.up_blocks) + 2
 
 
+def _blend_level(decoder, k: int) -> int | None:
+    """Which branch feature (0 = the deepest) stage k blends in at its end: stage 0 and the end of each
+    up block blend (see `Decoder.up`)."""
+    end = 0
+    for level, block in enumerate(decoder.up_blocks):
+        if k == end:
+            return level
+        end += 2 * len(block.resnets)
+    return len(decoder.up_blocks) if k == end else None
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2))
-def _tile_stage(graphdef, state, k, carry, stats, image, mask, core):
+def _tile_stage(graphdef, state, k, carry, stats, feature, image, mask, core):
     """Stage k of the up levels on one tile. The stages are cut at the GroupNorms: each normalises
     the carry's last array with the whole image's statistics (`stats`), runs to the next GroupNorm
     and returns the new carry with that norm's input moments over the tile's core. The arithmetic
-    mirrors `Decoder.up` and `ResnetBlock`."""
+    mirrors `Decoder.up` and `ResnetBlock`. Stage 0 runs the masked-image branch and also returns
+    its features below full resolution, to be passed back as `feature` where they are blended; the
+    full-resolution ones (one or two convs from the image) are computed again where needed."""
     decoder = nnx.merge(graphdef, state).decoder
     resnets = [(i, j, r) for i, block in enumerate(decoder.up_blocks) for j, r in enumerate(block.resnets)]
 
-    def cond(level):  # the branch feature blended in before up block `level` (or conv_norm_out)
-        return decoder.condition_encoder((1 - mask) * image)[::-1][level]
+    def blended(x):
+        if image is None:
+            return x
+        level = _blend_level(decoder, k)
+        f = feature if feature is not None else decoder.condition_encoder((1 - mask) * image)[::-1][level]
+        return blend(x, f, mask)
 
-    if k == 0:  # the mid block's output, blended
-        h = carry[0] if image is None else blend(carry[0], cond(0), mask)
-        return (h,), _core_moments(resnets[0][2].norm1, h, core)
+    if k == 0:  # the mid block's output
+        features = [] if image is None else decoder.condition_encoder((1 - mask) * image)[::-1]
+        h = carry[0] if image is None else blend(carry[0], features[0], mask)
+        kept = {level: f for level, f in enumerate(features) if level and f.shape[1] < image.shape[1]}
+        return (h,), _core_moments(resnets[0][2].norm1, h, core), kept
     if k == _num_stages(decoder) - 1:
-        return (decoder.conv_out(nnx.silu(_normalize(decoder.conv_norm_out, carry[0], stats))),), None
+        return (decoder.conv_out(nnx.silu(_normalize(decoder.conv_norm_out, carry[0], stats))),), None, {}
     i, j, resnet = resnets[(k - 1) // 2]
     if k % 2:  # norm1 .. conv1; the shortcut is taken now, so the carry holds two arrays of one width
         x = carry[0]
         h = resnet.conv1(nnx.silu(_normalize(resnet.norm1, x, stats)))
         residual = x if resnet.conv_shortcut is None else resnet.conv_shortcut(x)
-        return (residual, h), _core_moments(resnet.norm2, h, core)
+        return (residual, h), _core_moments(resnet.norm2, h, core), {}
     residual, h = carry
     x = residual + resnet.conv2(nnx.silu(_normalize(resnet.norm2, h, stats)))
     block = decoder.up_blocks[i]
     if j + 1 < len(block.resnets):
-        return (x,), _core_moments(block.resnets[j + 1].norm1, x, core)
+        return (x,), _core_moments(block.resnets[j + 1].norm1, x, core), {}
     for up in block.upsamplers:
         x = up(x)
-    if image is not None:
-        x = blend(x, cond(i + 1), mask)
+    x = blended(x)
     norm = decoder.conv_norm_out if i + 1 == len(decoder.up_blocks) else decoder.up_blocks[i + 1].resnets[0].norm1
-    return (x,), _core_moments(norm, x, core)
+    return (x,), _core_moments(norm, x, core), {}
 
 
 def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64, overlap: int = 16,
@@ -186,16 +204,20 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
         cores.append(np.zeros((th, tw), np.float32))
         cores[-1][y0 - y:y1 - y, x0 - x:x1 - x] = 1
     carries = [(mid[:, y:y + th, x:x + tw],) for y, x, _, _ in tiles]
+    features = [{} for _ in tiles]  # branch features from stage 0, by level, until blended
     stages = _num_stages(vae.decoder)
     bar = _progress(stages * len(tiles), progress, "tile stages")
     stats = None
     for k in range(stages):
-        moments = []
+        level, moments = _blend_level(vae.decoder, k), []
         for t, (y, x, _, _) in enumerate(tiles):
             pixels = np.s_[:, y * s:(y + th) * s, x * s:(x + tw) * s]
             cond = (None, None) if image is None else (image[pixels], mask[pixels])
-            carry, m = _tile_stage(graphdef, state, k, carries[t], stats, *cond, cores[t])
-            carries[t] = tuple(np.asarray(a) for a in carry)  # on the host: device memory follows the tile
+            carry, m, kept = _tile_stage(graphdef, state, k, carries[t], stats, features[t].pop(level, None), *cond,
+                                         cores[t])
+            # On the host between stages: device memory follows the tile.
+            carries[t] = tuple(np.asarray(a) for a in carry)
+            features[t].update((lvl, np.asarray(f)) for lvl, f in kept.items())
             moments.append(m)
             bar.update()
         stats = _global_stats(moments) if k + 1 < stages else None

@@ -197,7 +197,7 @@ def test_2048px_tiled_decode_peak_memory(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     peak_mib = int(run.stdout.split()[-1])
     print(f"2048x2048 tiled decode (small model): peak RSS {peak_mib} MiB")
-    assert peak_mib < 6000  # 4365 and 4623 MiB seen here: the host holds one level of the whole image
+    assert peak_mib < 6000  # 4365-4856 MiB seen here: the host holds one level of the whole image
 
 
 # -- files and the CLI -------------------------------------------------------------------------
