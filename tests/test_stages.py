@@ -18,8 +18,10 @@ from configs import local
 pytestmark = pytest.mark.slow
 
 STEPS = {"autoencoder": 60, "asymmetric": 40}
-# Measured on this run: the plain decode of held-out photos went from 7.8 dB (untrained) to 15.6 dB.
+# Measured on this run (held-out photos): the plain decode went from 7.8 dB (untrained) to 14.7 dB;
+# on the known region the guided decode reached 17.3 dB against the plain one's 14.6.
 TRAINED_MARGIN_DB = 5.0
+GUIDED_MARGIN_DB = 1.5
 
 
 def shortened():
@@ -132,9 +134,7 @@ def test_trained_plain_decode_beats_the_untrained_model(run):
     assert final["plain"]["psnr/whole"] > before["plain"]["psnr/whole"] + TRAINED_MARGIN_DB, (final, before)
 
 
-@pytest.mark.xfail(reason="40 stage-2 steps are too few for the branch: measured known region 12.9 dB "
-                          "guided vs 15.5 dB plain", strict=False)
 def test_guided_decode_beats_the_plain_one_on_the_known_region(run):
     config, workdir = run
     final = stages.evaluate(config.asymmetric, checkpoint.load_model(os.path.join(workdir, "asymmetric")))
-    assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"], final
+    assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"] + GUIDED_MARGIN_DB, final
