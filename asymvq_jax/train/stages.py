@@ -56,17 +56,17 @@ def finished(workdir: str, total_steps: int) -> bool:
 
 def evaluate(config, vae) -> dict[str, dict[str, float]]:
     """{decode: region report} of `vae` on the held-out examples: the plain decode, and for an
-    asymmetric decoder the mask-guided one."""
+    asymmetric decoder the mask-guided one (eval.py's jitted measure, on one batch)."""
+    from flax import nnx
+
+    from asymvq_jax.evaluate import MODES, make_measure
     from asymvq_jax.losses import LPIPS
-    from asymvq_jax.metrics import region_report
-    batch = held_out_batch(config, TABLE_EXAMPLES)
-    x, mask = batch["image"], batch["mask"]
-    lpips = LPIPS(config.loss.get("lpips_weights") or None)
-    z = vae.encode(x).mode()
-    decodes = {"plain": vae.decode(z)}
-    if vae.config.asymmetric:
-        decodes["guided"] = vae.decode(z, x, mask)
-    return {name: region_report(x, y, mask, lpips) for name, y in decodes.items()}
+    from asymvq_jax.metrics import summarize
+    lpips_graphdef, lpips_state = nnx.split(LPIPS(config.loss.get("lpips_weights") or None))
+    graphdef, state = nnx.split(vae)
+    measure = make_measure(graphdef, vae.config.asymmetric, lpips_graphdef)
+    _, values, _ = measure((state,), lpips_state, None, held_out_batch(config, TABLE_EXAMPLES), None)
+    return {mode: summarize(jax.device_get(values[mode])) for mode in MODES if mode in values}
 
 
 def held_out_table(config, workdir: str) -> str:
