@@ -31,7 +31,9 @@ def test_bench_quick_writes_json(tmp_path):
     assert 0.75 * 771 / 16 < rows["guided"]["gflops"] < 771 / 16
     # MFU is FLOPs over latency over the peak the run records (on CPU a measured matmul's rate).
     peak = result["peak_flops"]["float32"]
-    assert peak > 1e9 and "measured" in result["peak_assumed"]["float32"]
+    assert peak > 1e9
+    if result["device"].startswith("cpu"):
+        assert "measured" in result["peak_assumed"]["float32"]
     for r in rows.values():
         assert r["mfu"] == pytest.approx(r["gflops"] * 1e9 / r["ours_latency_s"] / peak)
     assert "guided" in run.stdout and "speedup" in run.stdout
