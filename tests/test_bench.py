@@ -37,3 +37,33 @@ def test_bench_quick_writes_json(tmp_path):
     for r in rows.values():
         assert r["mfu"] == pytest.approx(r["gflops"] * 1e9 / r["ours_latency_s"] / peak)
     assert "guided" in run.stdout and "speedup" in run.stdout
+
+
+def test_conv_profile_finds_every_convolution_of_the_decode():
+    """The per-convolution profile accounts for the decode's FLOPs (convolutions are nearly all of
+    them), and each convolution it times gives XLA's and torch's kernels the same work."""
+    pytest.importorskip("torch")
+    import importlib.util
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from asymvq_jax.models import AutoencoderKL, preset
+    spec = importlib.util.spec_from_file_location("conv_profile", os.path.join(ROOT, "scripts", "conv_profile.py"))
+    conv_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conv_profile)
+
+    convs = conv_profile.decode_convs("asym-base", 64, "guided")
+    conv_gflop = sum(n * conv_profile.conv_gflop(*key) for key, n in convs.items())
+    vae = AutoencoderKL(preset("asym-base"), rngs=nnx.Rngs(0))
+    z, image, mask = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64, 1))
+    compiled = jax.jit(lambda z, image, mask: vae.decode(z, image, mask)).lower(z, image, mask).compile()
+    cost = compiled.cost_analysis()
+    total_gflop = (cost[0] if isinstance(cost, list) else cost)["flops"] / 1e9
+    # XLA leaves the taps that fall on padding out of its count (about 5% here), so not <= total.
+    assert conv_gflop == pytest.approx(total_gflop, rel=0.1), (conv_gflop, total_gflop)
+
+    strided = next(key for key in convs if key[2] == (2, 2))  # a branch conv: stride 2, padding 1
+    xla_s, torch_s = conv_profile.time_conv(*strided, reps=1)  # asserts both outputs agree
+    assert xla_s > 0 and torch_s > 0
