@@ -112,13 +112,14 @@ def main(argv=None) -> int:
         gflop = conv_gflop(shape, kernel, strides, padding)
         xla, ref = time_conv(shape, kernel, strides, padding, args.reps)
         totals.update({"gflop": count * gflop, "xla": count * xla, "torch": count * ref})
-        rows.append(f"| {'x'.join(map(str, shape[1:]))} | {'x'.join(map(str, kernel))} | {strides[0]} | {count} "
+        pads = " / ".join(f"{lo},{hi}" for lo, hi in padding)
+        rows.append(f"| {'x'.join(map(str, shape[1:]))} | {'x'.join(map(str, kernel))} | {strides[0]} | {pads} | {count} "
                     f"| {gflop / xla:.0f} | {gflop / ref:.0f} | {count * xla:.2f} | {count * ref:.2f} |")
     print(f"{args.model}, {args.op} at {args.size} px, fp32, batch 1; torch on {args.threads} threads\n")
-    print("| input HxWxC | kernel | stride | count | XLA GFLOP/s | torch GFLOP/s | XLA s | torch s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| input HxWxC | kernel | stride | padding (rows / cols) | count | XLA GFLOP/s | torch GFLOP/s | XLA s | torch s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"| all | | | | {totals['gflop'] / totals['xla']:.0f} | {totals['gflop'] / totals['torch']:.0f} "
+    print(f"| all | | | | | {totals['gflop'] / totals['xla']:.0f} | {totals['gflop'] / totals['torch']:.0f} "
           f"| {totals['xla']:.2f} | {totals['torch']:.2f} |")
     print(f"\n{totals['gflop']:.0f} GFLOP of convolutions; torch's kernels would run them "
           f"{totals['xla'] / totals['torch']:.2f}x as fast as XLA's")
