@@ -36,12 +36,16 @@ def stage(preset: str, total_steps: int, lr: float):
 
 def get_config(arg=None):
     del arg
+    # 300 steps: 600 scored lower on the held-out photos (17.1 against 17.6 dB), as it fit the
+    # training photos closer (21.9 against 20.9 dB).
     autoencoder = stage("sd", total_steps=300, lr=1e-3)
     autoencoder.train_encoder = True
     # The new branch at 4e-3 (the decoder it joins at 0.1x that), and a quarter of the masks
-    # all-hole rather than the recipe's half: in 150 steps the branch must learn to reproduce the
-    # known region. At 1e-3 and one half, its known region reached 15.6 dB, below the plain decode.
-    asymmetric = stage("asym-base", total_steps=150, lr=4e-3)
+    # all-hole rather than the recipe's half: in a few hundred steps the branch must learn to reproduce
+    # the known region. At 1e-3 and one half, its known region reached 15.6 dB, below the plain decode.
+    # 300 steps rather than 150: the guided decode was still gaining in both the hole and the known
+    # region (16.6 -> 17.9 and 22.8 -> 25.1 dB).
+    asymmetric = stage("asym-base", total_steps=300, lr=4e-3)
     asymmetric.data.all_ones_prob = 0.25
     asymmetric.init_from = "autoencoder"  # the stage above: its encoder, frozen, and its decoder
     return ml_collections.ConfigDict({"stages": ("autoencoder", "asymmetric"),
