@@ -107,8 +107,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     rows, totals = [], collections.Counter()
-    for (shape, kernel, strides, padding), count in sorted(decode_convs(args.model, args.size, args.op).items(),
-                                                           key=lambda kv: -kv[1] * kv[0][0][1] * kv[0][1][3]):
+    convs = decode_convs(args.model, args.size, args.op)
+    for (shape, kernel, strides, padding), count in sorted(convs.items(), key=lambda kv: -kv[1] * conv_gflop(*kv[0])):
         gflop = conv_gflop(shape, kernel, strides, padding)
         xla, ref = time_conv(shape, kernel, strides, padding, args.reps)
         totals.update({"gflop": count * gflop, "xla": count * xla, "torch": count * ref})
