@@ -4,6 +4,9 @@
   python convert_weights.py import SRC DST [--allow-pickle]
   python convert_weights.py export SRC DST --format diffusers|ldm|asymvq [--allow-pickle] [--fp16]
   python convert_weights.py export WORKDIR DST --format diffusers [--step N] [--raw]
+
+DST must be new or a previous export of the same format (--force: write into anything else,
+replacing only the files the export writes); it can never be SRC, inside it or hold it.
 """
 
 import argparse
@@ -49,6 +52,9 @@ def main(argv=None) -> int:
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument("--step", type=int, default=None, help="workdir SRC: the checkpoint step (default latest)")
     common.add_argument("--raw", action="store_true", help="workdir SRC: the raw weights even if EMA was kept")
+    common.add_argument("--force", action="store_true",
+                        help="write into an existing DST that is not a previous export of this format "
+                             "(only the files the export writes are replaced)")
     sub.add_parser("import", parents=[common], help="any checkpoint -> asymvq (ours)",
                    epilog=FORMATS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     exp = sub.add_parser("export", parents=[common], help="any checkpoint -> diffusers / ldm / asymvq",
@@ -60,15 +66,17 @@ def main(argv=None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from asymvq_jax import checkpoint
-    from asymvq_jax.convert import from_pretrained, save_pretrained
+    from asymvq_jax.convert import from_pretrained, save_pretrained, writers
 
     fmt = "asymvq" if args.command == "import" else args.format
     try:
+        writers.check_destination(args.dst, fmt, sources=[args.src], force=args.force)  # before the slow part
         if checkpoint.is_workdir(args.src):
             vae = checkpoint.load_model(args.src, step=args.step, ema=not args.raw)
         else:
             vae = from_pretrained(args.src, allow_pickle=args.allow_pickle)
-        out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None)
+        out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None,
+                              force=args.force)
     except (ValueError, FileNotFoundError) as e:  # the converter raises ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ SRC: anything `from_pretrained` reads (diffusers folder, LDM / SD / Asymmetric_V
 or a train.py workdir. Masks are black (keep) and white (the hole). Images of any size are padded
 to a multiple of 8 and cropped back. `reconstruct` writes input | masked input | plain decode |
 mask-guided decode; `decode` writes one PNG per latent (out.png, or out_0.png, out_1.png, ...).
+An output never replaces an input, and replaces an existing file only if it is an image (--force:
+any file).
 """
 
 import argparse
@@ -28,6 +30,7 @@ def main(argv=None) -> int:
                         help="decode in overlapping latent tiles of this size (e.g. 64 = 512 px) for large images")
     common.add_argument("--step", type=int, default=None, help="workdir model: the checkpoint step (default latest)")
     common.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles you trust")
+    common.add_argument("--force", action="store_true", help="replace an existing --out file that is not an image")
     sub.add_parser("reconstruct", parents=[common], help="image + mask -> encode -> plain and guided decodes")
     dec = sub.add_parser("decode", parents=[common], help="latents from an inpainting sampler -> PNG")
     dec.add_argument("--latents", required=True, help=".npy or .safetensors, [B, C, h, w] (torch) or [B, h, w, C]")
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
 
     from asymvq_jax import inference
     try:
-        model = dict(dtype=args.dtype, step=args.step, allow_pickle=args.allow_pickle)
+        model = dict(dtype=args.dtype, step=args.step, allow_pickle=args.allow_pickle, force=args.force)
         files = dict(image_path=args.image, mask_path=args.mask, out=args.out, tile=args.tile, progress=True)
         if args.command == "reconstruct":
             written = inference.reconstruct_file(args.model, **files, **model)

@@ -3,15 +3,18 @@
     python eval.py --decoder runs/x1_5 --decoder path/to/sd-vae --data tfds:imagenet2012/validation \
         --masks thick_256 --image_size 256 --out runs/eval
 
-Writes OUT/results.json, OUT/results.md and OUT/<decoder>_{worst,best}.png.
+Writes OUT/results.json, OUT/results.md and OUT/<decoder>_{worst,best}.png. OUT must be new or
+an earlier eval's output (--force: write into anything else, replacing only those files); it can
+never be a decoder, the data or the masks, lie inside one or hold one.
 """
 
 import argparse
 import logging
 import os
+import sys
 
-from asymvq_jax import evaluate, inception
-from asymvq_jax.data.evalset import load_masks
+from asymvq_jax import evaluate, inception, paths
+from asymvq_jax.data.evalset import MASK_SETS, load_masks
 from asymvq_jax.losses.lpips import LPIPS, default_weights_path
 
 
@@ -23,7 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default="bundled_photos",
                    help="folder:PATH (or a folder), tfds:NAME/SPLIT[@DATA_DIR], or bundled_photos")
     p.add_argument("--masks", default="", help="a shipped mask set (thin|medium|thick_256|512) or a folder of "
-                                               "masks (white = hole); default thick_<image_size>")
+                                               "masks (white = hole); default thick_<image_size>, "
+                                               "or thick_256 drawn at image_size for other sizes")
     p.add_argument("--image_size", type=int, default=256)
     p.add_argument("--batch_size", type=int, default=8, help="global; divisible by the number of devices")
     p.add_argument("--limit", type=int, default=0, help="evaluate the first N images only (0 = all)")
@@ -39,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--allow_pickle", action="store_true", help="read .ckpt/.bin checkpoints (pickles)")
     p.add_argument("--grids", type=int, default=8, help="worst and best examples shown per decoder")
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--force", action="store_true", help="write into an existing OUT that is not an earlier eval's "
+                                                        "output (only the files eval writes are replaced)")
     return p.parse_args(argv)
 
 
@@ -51,12 +57,30 @@ def optional(path: str, what: str, load):
     return load(path)
 
 
+def default_masks(image_size: int) -> str:
+    """thick_<size> where LaMa made that set; otherwise thick_256, drawn again at `image_size`."""
+    return f"thick_{image_size}" if f"thick_{image_size}" in MASK_SETS else "thick_256"
+
+
+def check_out(args) -> None:
+    data = args.data[len("folder:"):] if args.data.startswith("folder:") else args.data
+    inputs = [*args.decoder, args.latents, args.masks if args.masks not in MASK_SETS else ""]
+    if not data.startswith("tfds:") and data != "bundled_photos":
+        inputs.append(data)
+    paths.check_destination(args.out, sources=inputs, force=args.force, what="an earlier eval's output",
+                            ours=lambda p: paths.holds_only(p, evaluate.OUTPUT_FILES, "results.json"))
+
+
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
+    try:
+        check_out(args)
+    except paths.DestinationError as e:
+        sys.exit(f"error: {e}")
     decoders = [evaluate.load_decoder(p, step=args.step, allow_pickle=args.allow_pickle) for p in args.decoder]
     images = evaluate.dataset_images(args.data, args.limit)
-    masks = load_masks(args.masks or f"thick_{args.image_size}", args.image_size)
+    masks = load_masks(default_masks(args.image_size) if not args.masks else args.masks, args.image_size)
     results = evaluate.evaluate(
         decoders, images, masks, image_size=args.image_size, batch_size=args.batch_size,
         lpips=optional(args.lpips, "LPIPS", LPIPS), inception=optional(args.fid_inception, "FID", inception.load),

@@ -17,7 +17,7 @@ from flax import nnx
 from PIL import Image
 from jax.experimental import multihost_utils
 
-from asymvq_jax import checkpoint, metrics, parallel
+from asymvq_jax import checkpoint, metrics, parallel, paths
 from asymvq_jax.data.evalset import eval_batches, folder_images, load_masks, tfds_images
 from asymvq_jax.data.folder import BUNDLED_PHOTOS, bundled_photo
 from asymvq_jax.models import VAEConfig
@@ -256,23 +256,27 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUT_FILES = ("results.json", "results.md", "*_worst.png", "*_best.png")
+
+
 def write_outputs(results: dict, out_dir: str) -> None:
-    """results.json, results.md and worst/best grids (input | masked | plain | guided) per decoder."""
+    """results.json, results.md and worst/best grids (input | masked | plain | guided) per decoder
+    (`OUTPUT_FILES`); in an existing folder only these files are replaced."""
     if jax.process_index() != 0:
         return
     from asymvq_jax.train.logs import save_grid
-    os.makedirs(out_dir, exist_ok=True)
     grids = results.pop("grids", {})
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(markdown_table(results))
-    for name, sets in grids.items():
-        for which, rows in sets.items():
-            if rows:
-                labels = ("input", "masked input", "plain decode", "guided decode")[:len(rows[0])]
-                columns = {label: np.stack([r[j] for r in rows]) for j, label in enumerate(labels)}
-                save_grid(os.path.join(out_dir, f"{name}_{which}.png"), columns)
+    with paths.atomic_output(out_dir, is_dir=True) as tmp:
+        with open(os.path.join(tmp, "results.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        with open(os.path.join(tmp, "results.md"), "w") as f:
+            f.write(markdown_table(results))
+        for name, sets in grids.items():
+            for which, rows in sets.items():
+                if rows:
+                    labels = ("input", "masked input", "plain decode", "guided decode")[:len(rows[0])]
+                    columns = {label: np.stack([r[j] for r in rows]) for j, label in enumerate(labels)}
+                    save_grid(os.path.join(tmp, f"{name}_{which}.png"), columns)
     logging.info("wrote %s", out_dir)
 
 

@@ -342,10 +342,25 @@ def read_latents(path, channels: int, key: str | None = None) -> np.ndarray:
     return z.astype(np.float32)
 
 
+def check_output(out, sources, force: bool = False) -> None:
+    """An output image never overlaps an input and replaces only an image (unless `force`)."""
+    paths.check_destination(out, sources=sources, force=force, what="an image", ours=_is_image)
+
+
+def _is_image(path) -> bool:
+    try:
+        with Image.open(paths.path(path).open("rb")) as im:
+            return bool(im.format)
+    except (OSError, ValueError):
+        return False
+
+
 def reconstruct_file(model, image_path, mask_path, out, *, dtype=jnp.float32, step=None, allow_pickle=False,
-                     **kw) -> list[str]:
+                     force=False, **kw) -> list[str]:
     """Writes input | masked input | plain decode | mask-guided decode side by side.
     `model`: a model or anything `load_model` takes, loaded once the inputs have passed their checks."""
+    inputs = [p for p in (model, image_path, mask_path) if isinstance(p, (str, os.PathLike))]
+    check_output(out, inputs, force)
     image, mask = read_image(image_path), read_mask(mask_path)
     check_pair(image, mask)
     vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
@@ -355,8 +370,10 @@ def reconstruct_file(model, image_path, mask_path, out, *, dtype=jnp.float32, st
 
 
 def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool, key=None, dtype=jnp.float32,
-                step=None, allow_pickle=False, **kw) -> list[str]:
+                step=None, allow_pickle=False, force=False, **kw) -> list[str]:
     """Decodes every latent in the file against the image and mask; one PNG per latent."""
+    inputs = [p for p in (model, latents_path, image_path, mask_path) if isinstance(p, (str, os.PathLike))]
+    check_output(out, inputs, force)
     image, mask = read_image(image_path), read_mask(mask_path)
     check_pair(image, mask)
     _existing(latents_path)
@@ -364,9 +381,10 @@ def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool
     z = read_latents(latents_path, vae.config.latent_channels, key)
     if scaled:
         z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-    images = decode_images(vae, z, image, mask, **kw)
     stem, ext = os.path.splitext(os.fspath(out))
-    paths = [os.fspath(out)] if len(images) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(images))]
-    for path, y in zip(paths, images):
+    outs = [os.fspath(out)] if len(z) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(z))]
+    for path in outs:
+        check_output(path, inputs, force)
+    for path, y in zip(outs, decode_images(vae, z, image, mask, **kw)):
         write_image(path, y)
-    return paths
+    return outs

@@ -9,12 +9,15 @@ each is done there.
 """
 
 import contextlib
+import fnmatch
 import importlib.util
 import io
 import os
+import posixpath
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("EPATH_USE_TF", "false")  # before epath picks a gs:// backend (it caches the choice)
 # gcsfs would ask the storage-control API for each bucket's layout, on every call where that API
@@ -110,14 +113,63 @@ def walk_files(root: PathLike) -> list[str]:
     return sorted(f"{scheme}{os.fspath(d).split('://')[-1]}/{f}" for d, _, files in top.walk() for f in files)
 
 
+class DestinationError(ValueError):
+    """A write that would overlap its source or replace something it did not make."""
+
+
+def resolved(p: PathLike) -> str:
+    """One spelling per place: local paths absolute with links resolved, URLs normalised."""
+    s = os.fspath(p)
+    if is_remote(s):
+        scheme, rest = s.split("://", 1)
+        return f"{scheme}://{posixpath.normpath('/' + rest).lstrip('/')}"
+    return os.path.realpath(os.path.expanduser(s))
+
+
+def overlaps(a: PathLike, b: PathLike) -> str | None:
+    """How `a` stands to `b` ("the same place as", "inside", "a folder holding"), or None."""
+    a, b = resolved(a), resolved(b)
+    if a == b:
+        return "the same place as"
+    if a.startswith(b.rstrip("/") + "/"):
+        return "inside"
+    if b.startswith(a.rstrip("/") + "/"):
+        return "a folder holding"
+    return None
+
+
+def check_destination(dst: PathLike, *, sources=(), ours: Callable[[str], bool], what: str,
+                      force: bool = False) -> None:
+    """Refuses, before anything is read or written, a destination that overlaps a source (even
+    with `force`) or that exists and is not `what` (a previous output of the same kind, as `ours`
+    recognises it) unless `force`; a forced write replaces only the files it writes."""
+    dst = os.fspath(dst)
+    for src in sources:
+        if src and (how := overlaps(dst, src)):
+            raise DestinationError(f"{dst} is {how} the source {os.fspath(src)}; write somewhere else")
+    if exists(dst) and not force and not ours(dst):
+        raise DestinationError(f"{dst} exists and is not {what}; nothing was written. Choose a new path, or "
+                               "--force (force=True) to replace only the files this writes there")
+
+
+def holds_only(folder: PathLike, patterns: tuple[str, ...], marker: str) -> bool:
+    """Whether `folder` holds `marker` and nothing that none of `patterns` (fnmatch) names."""
+    if not isdir(folder):
+        return False
+    names = [q.name for q in path(folder).iterdir()]
+    return marker in names and all(any(fnmatch.fnmatch(n, pat) for pat in patterns) for n in names)
+
+
 @contextlib.contextmanager
 def atomic_output(dst: PathLike, is_dir: bool):
-    """Yields a local temporary file or folder; when the block succeeds it becomes `dst`.
+    """Yields a local temporary file or folder; when the block succeeds it becomes `dst`, with
+    the permissions a new file gets (0o666 & ~umask, folders 0o777 & ~umask).
 
-    Locally it is renamed into place (an old folder is moved aside first). An object store
-    cannot rename a folder: its files are uploaded one by one, the JSON files last (readers
-    recognise a folder by its config) and an old folder's JSON files deleted first, so a reader
-    never pairs a config with the weights of another export.
+    A file, or a folder that does not exist yet, is renamed into place (uploaded on an object
+    store). Into a folder that exists, only the written files go, one by one, and nothing else
+    there is touched: the JSON files last, after the old ones of those names were removed
+    (readers recognise a folder by its config), so a reader never pairs a config with the
+    weights of another export, even on an object store, which cannot rename a folder.
     """
     if is_remote(dst):
         with tempfile.TemporaryDirectory() as tmp_root:
@@ -137,26 +189,39 @@ def atomic_output(dst: PathLike, is_dir: bool):
         os.close(fd)
     try:
         yield tmp
+        _set_default_modes(tmp)  # mkstemp/mkdtemp make them private; a rename keeps that
         if is_dir and os.path.isdir(dst):
-            old = tempfile.mkdtemp(prefix=f".{base}.", suffix=".old", dir=parent)
-            os.rmdir(old)
-            os.replace(dst, old)
-            try:
-                os.replace(tmp, dst)
-            except BaseException:
-                os.replace(old, dst)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            names = _json_last(os.listdir(tmp))
+            for name in names:
+                if name.endswith(".json") and os.path.isfile(os.path.join(dst, name)):
+                    os.remove(os.path.join(dst, name))
+            for name in names:
+                os.replace(os.path.join(tmp, name), os.path.join(dst, name))
+        elif is_dir:
+            os.replace(tmp, dst)
         else:
             if os.path.isdir(dst):
                 raise IsADirectoryError(f"{dst} is a folder; this format writes a single file")
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; a renamed file keeps that
             os.replace(tmp, dst)
     finally:
         if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, never `dst`
         elif os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _json_last(names: list[str]) -> list[str]:
+    return sorted(names, key=lambda n: (n.endswith(".json"), n))
+
+
+def _set_default_modes(top: str) -> None:
+    mask = _umask()
+    for d, dirs, files in os.walk(top):
+        os.chmod(d, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o666 & ~mask)
+    if not os.path.isdir(top):
+        os.chmod(top, 0o666 & ~mask)
 
 
 def _umask() -> int:
@@ -171,10 +236,10 @@ def _upload(local: str, dst: epath.Path, is_dir: bool) -> None:
             raise IsADirectoryError(f"{dst} is a folder; this format writes a single file")
         dst.write_bytes(open(local, "rb").read())
         return
-    if dst.exists():
-        for old in dst.glob("*.json"):
-            old.unlink()
-    names = sorted(os.listdir(local), key=lambda n: (n.endswith(".json"), n))
+    names = _json_last(os.listdir(local))
+    for name in names:
+        if name.endswith(".json") and (dst / name).exists():
+            (dst / name).unlink()
     dst.mkdir(parents=True, exist_ok=True)
     for name in names:
         (dst / name).write_bytes(open(os.path.join(local, name), "rb").read())

@@ -473,3 +473,106 @@ def test_dtypes(asym_dir, asym_torch, tmp_path):
     # fp16 in, float32 params out: exact
     back = from_pretrained(tmp_path / "fp16")
     assert all(v.dtype == np.float32 for v in model_params(back).values())
+
+
+# -- destinations and permissions --------------------------------------------------------------------
+
+def tree_hashes(root) -> dict[str, tuple[str, int]]:
+    """{relative path: (sha256, mode)} of every file and folder under `root`."""
+    import hashlib
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            data = open(p, "rb").read() if os.path.isfile(p) else b""
+            out[os.path.relpath(p, root)] = (hashlib.sha256(data).hexdigest(), os.stat(p).st_mode)
+    return out
+
+
+def _unrelated_folder(root):
+    root.mkdir(parents=True)
+    (root / "notes.txt").write_text("mine")
+    (root / "config.json").write_text('{"not": "a model"}')
+    (root / "sub").mkdir()
+    (root / "sub" / "data.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+def test_converter_refuses_destinations_that_overlap_or_are_not_its_own(asym_dir, tmp_path, capsys):
+    import convert_weights
+    src = tmp_path / "models" / "vae"
+    import shutil
+    shutil.copytree(asym_dir, src)
+    unrelated = _unrelated_folder(tmp_path / "unrelated")
+    cases = [("export", src, src, "diffusers", "the same place as"),
+             ("export", src, src.parent, "diffusers", "a folder holding"),
+             ("export", src, src / "inside", "diffusers", "inside"),
+             ("import", src, src.parent, None, "a folder holding"),
+             ("export", src, unrelated, "diffusers", "is not a diffusers export"),
+             ("import", src, unrelated, None, "is not an asymvq export"),
+             ("export", src, unrelated / "notes.txt", "ldm", "is not a .safetensors file")]
+    for force in (False, True):
+        for command, s, d, fmt, why in cases:
+            if force and why.startswith("is not"):
+                continue  # --force lets those through (tested below)
+            before = tree_hashes(tmp_path)
+            argv = [command, str(s), str(d)] + (["--format", fmt] if fmt else []) + (["--force"] if force else [])
+            assert convert_weights.main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and why in err and str(d) in err, (argv, err)
+            assert tree_hashes(tmp_path) == before, argv
+
+
+def test_force_replaces_only_the_files_the_export_writes(asym_dir, plain_dir, tmp_path):
+    import convert_weights
+    out = tmp_path / "out"
+    assert convert_weights.main(["export", str(asym_dir), str(out), "--format", "diffusers"]) == 0
+    first = tree_hashes(out)
+    # a previous export of the same format is replaced without --force
+    assert convert_weights.main(["export", str(plain_dir), str(out), "--format", "diffusers"]) == 0
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "AutoencoderKL"
+    assert tree_hashes(out).keys() == first.keys() and tree_hashes(out) != first
+    # --force into an unrelated folder: its own files stay as they were
+    unrelated = _unrelated_folder(tmp_path / "unrelated")
+    before = tree_hashes(unrelated)
+    assert convert_weights.main(["import", str(asym_dir), str(unrelated), "--force"]) == 0
+    after = tree_hashes(unrelated)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(set(after) - set(before)) == ["asymvq_config.json", "params.safetensors"]
+    assert from_pretrained(unrelated).config.asymmetric
+    # single files: a previous ldm export is replaced, an asymvq file is not an ldm export
+    one = tmp_path / "one.safetensors"
+    for fmt, code in (("ldm", 0), ("ldm", 0), ("asymvq", 2)):
+        assert convert_weights.main(["export", str(asym_dir), str(one), "--format", fmt]) == code, fmt
+
+
+def test_fresh_export_is_readable_by_other_users(asym_dir):
+    """Under umask 022: folders drwxr-xr-x, files -rw-r--r--, and an unprivileged user loads it."""
+    import shutil
+    import tempfile
+    top = tempfile.mkdtemp(prefix="asymvq-perm-")  # pytest's tmp_path is private to its owner
+    os.chmod(top, 0o755)
+    old = os.umask(0o022)
+    try:
+        for fmt, out in (("diffusers", "d"), ("asymvq", "a"), ("ldm", "l.safetensors")):
+            save_pretrained(from_pretrained(asym_dir), os.path.join(top, out), format=fmt)
+    finally:
+        os.umask(old)
+    try:
+        modes = {os.path.relpath(os.path.join(d, n), top): os.stat(os.path.join(d, n)).st_mode & 0o777
+                 for d, dirs, files in os.walk(top) for n in dirs + files}
+        assert modes == {"d": 0o755, "d/config.json": 0o644, "d/diffusion_pytorch_model.safetensors": 0o644,
+                         "a": 0o755, "a/asymvq_config.json": 0o644, "a/params.safetensors": 0o644,
+                         "l.safetensors": 0o644}, modes
+        if os.geteuid() != 0 or not shutil.which("setpriv"):
+            pytest.skip("loading as another user needs root and setpriv")
+        code = ("import diffusers, sys; diffusers.AsymmetricAutoencoderKL.from_pretrained(sys.argv[1]); "
+                "print(open(sys.argv[1] + '/config.json').read()[:1])")
+        env = dict(os.environ, HOME=top, HF_HOME=os.path.join(top, "hf"), HF_HUB_OFFLINE="1")
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+                            code, os.path.join(top, "d")], capture_output=True, text=True, env=env, cwd=top)
+        if "Operation not permitted" in r.stderr and "setpriv" in r.stderr:
+            pytest.skip("setpriv cannot switch users here")
+        assert r.returncode == 0 and r.stdout.strip() == "{", r.stderr[-2000:]
+    finally:
+        shutil.rmtree(top)

@@ -170,3 +170,25 @@ def test_shipped_mask_sets_are_the_seeded_draws():
         area = masks.mean(axis=(1, 2, 3))
         assert area.min() > 0 and area.max() <= 0.5
         np.testing.assert_array_equal(masks[:2, ..., 0], draw_mask_set(name, 2))
+
+
+def test_out_never_overlaps_an_input_or_replaces_another_folder(tmp_path):
+    from eval import main
+    workdir, photos, unrelated = tmp_path / "workdir", tmp_path / "photos", tmp_path / "unrelated"
+    for d in (workdir, photos, unrelated):
+        os.makedirs(d)
+        (d / "keep.txt").write_text("mine")
+    args = ["--decoder", str(workdir), "--data", f"folder:{photos}"]
+    for out, message in ((workdir, "the same place as the source"), (workdir / "eval", "inside the source"),
+                         (photos / "eval", "inside the source"), (tmp_path, "a folder holding the source"),
+                         (unrelated, "exists and is not an earlier eval's output")):
+        with pytest.raises(SystemExit, match=message):
+            main(args + ["--out", str(out)])
+    assert sorted(os.listdir(tmp_path)) == ["photos", "unrelated", "workdir"]
+    assert all(os.listdir(d) == ["keep.txt"] for d in (workdir, photos, unrelated))
+
+
+def test_default_masks_fit_any_image_size():
+    from eval import default_masks
+    assert default_masks(256) == "thick_256" and default_masks(512) == "thick_512"
+    assert load_masks(default_masks(64), 64, count=3).shape == (3, 64, 64, 1)

@@ -297,3 +297,17 @@ def test_load_model_from_training_workdir(vae, tmp_path):
     loaded = inference.load_model(str(tmp_path))
     x, mask, z = inputs(32)
     np.testing.assert_array_equal(inference.decode(loaded, z, x, mask), inference.decode(vae, z, x, mask))
+
+
+def test_cli_output_never_replaces_an_input_or_a_non_image(files, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    keep = {p: open(p, "rb").read() for p in (files["image"], files["mask"], notes)}
+    common = ["reconstruct", "--model", files["model"], "--image", files["image"], "--mask", files["mask"]]
+    for out, extra, message in ((files["image"], ["--force"], "the same place as the source"),
+                                (files["model"], ["--force"], "the same place as the source"),
+                                (files["root"], [], "a folder holding the source"),
+                                (str(notes), [], "exists and is not an image")):
+        assert decode_cli.main(common + ["--out", str(out)] + extra) == 2
+        assert re.search(message, capsys.readouterr().err), out
+    assert {p: open(p, "rb").read() for p in keep} == keep

@@ -167,13 +167,18 @@ def read_params(path: str | os.PathLike, *, allow_pickle: bool = False, config: 
     return ckpt.config, load_checkpoint_params(ckpt, abstract_model(ckpt.config)[1])
 
 
-def save_pretrained(vae, out: str | os.PathLike, format: str = "diffusers", *, dtype: Any = None) -> str:
+def save_pretrained(vae, out: str | os.PathLike, format: str = "diffusers", *, dtype: Any = None,
+                    force: bool = False) -> str:
     """Export `vae` as "diffusers" (folder), "ldm" (one .safetensors) or "asymvq" (ours: folder,
     or one file when `out` ends in .safetensors). `dtype` (e.g. np.float16) casts the weights;
-    default: as held. Returns the written path. See `writers` for the formats."""
+    default: as held. Returns the written path. See `writers` for the formats.
+
+    An existing `out` must be a previous export of the same format; `force=True` writes into
+    anything else, replacing only the files the export writes."""
     out = os.fspath(out)
     if format not in writers.FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {writers.FORMATS}")
+    writers.check_destination(out, format, force=force)
     cfg: VAEConfig = vae.config
     params = model_params(vae)
     if dtype is not None:

@@ -20,7 +20,9 @@ Formats:
   single file alone, which also loads (config from the metadata).
 
 Every writer builds its output in a temporary place that becomes the destination only when
-complete (`paths.atomic_output`, which also says how that is done on ``gs://``).
+complete (`paths.atomic_output`, which also says how that is done on ``gs://``). A destination
+that exists must be a previous export of the same format (`check_destination`), unless forced;
+a forced export replaces only the files it writes there.
 """
 
 import json
@@ -29,6 +31,7 @@ import os
 import numpy as np
 
 from asymvq_jax.models.config import VAEConfig
+from asymvq_jax import paths
 from asymvq_jax.paths import atomic_output
 
 from . import keys as K
@@ -37,6 +40,37 @@ from .readers import ASYMVQ_CONFIG, ASYMVQ_FORMAT_VERSION, ASYMVQ_WEIGHTS, confi
 FORMATS = ("diffusers", "ldm", "asymvq")
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _FALLBACK_DIFFUSERS_VERSION = "0.39.0"
+
+
+def check_destination(dst: str, format: str, *, sources=(), force: bool = False) -> None:
+    """Refuses `dst` if it overlaps a source, or exists and is not a previous `format` export
+    (unless `force`): raises `paths.DestinationError` before anything is written."""
+    single = dst.lower().endswith(".safetensors")
+    if format == "diffusers":
+        ours, what = lambda p: paths.holds_only(p, ("config.json", "diffusion_pytorch_model*"), "config.json"), \
+            "a diffusers export (config.json and diffusion_pytorch_model.safetensors only)"
+    elif format == "asymvq" and not single:
+        ours, what = lambda p: paths.holds_only(p, (ASYMVQ_CONFIG, ASYMVQ_WEIGHTS), ASYMVQ_CONFIG), \
+            f"an asymvq export ({ASYMVQ_CONFIG} and {ASYMVQ_WEIGHTS} only)"
+    else:
+        kind = "asymvq" if format == "asymvq" else "ldm"
+        ours, what = lambda p: _exported_file_kind(p) == kind, f"a .safetensors file this converter exported ({format})"
+    paths.check_destination(dst, sources=sources, ours=ours, what=what, force=force)
+
+
+def _exported_file_kind(path: str) -> str | None:
+    """"asymvq" or "ldm" for a .safetensors file we wrote (by its metadata), else None."""
+    try:
+        with paths.path(path).open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 0 < size < 1 << 24:
+                return None
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError):
+        return None
+    if "asymvq_config" not in metadata:
+        return None
+    return "asymvq" if metadata.get("format") == "asymvq" else "ldm"
 
 
 def _save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
