@@ -1,4 +1,4 @@
-"""The local default: the field's two stages, small, on the photos that ship with scikit-image.
+"""The local default: the field's two stages, small, on the photos that ship inside pinned wheels.
 
 1. `autoencoder`: an SD-style KL autoencoder (encoder and plain decoder) trained whole, with
    LDM's first-stage loss. No SD weights exist offline, so the encoder is made here.
@@ -24,6 +24,9 @@ WIDTHS = {"down_block_out_channels": (32, 64, 64, 64), "layers_per_down_block": 
 def stage(preset: str, total_steps: int, lr: float):
     c = default_config()
     c.model.preset, c.model.overrides = preset, dict(WIDTHS)
+    # The declared photos include scikit-learn's two and matplotlib's one (colour; 7 of the 12 before were
+    # grey). After stage 2 on the held-out photos: guided hole 17.85 -> 18.19 dB, guided known 25.13 ->
+    # 25.62, plain 18.02 -> 18.09 (stage 1 alone 17.59 -> 17.49).
     c.data.source = "bundled_photos"
     c.image_size, c.batch_size = 64, 4
     c.total_steps, c.lr, c.warmup_steps = total_steps, lr, 20

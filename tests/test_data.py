@@ -197,6 +197,12 @@ def test_bundled_photos_are_declared_and_never_train_on_the_held_out_ones(tmp_pa
     source = BundledPhotos()
     assert [source.get(i)[1] for i in range(len(source))] == list(TRAIN_PHOTOS)
     assert all(source.get(i)[0].shape[-1] == 3 and source.get(i)[0].dtype == np.uint8 for i in range(len(source)))
+    # The photos from scikit-learn's and matplotlib's wheels are real colour photos, found without a download.
+    from asymvq_jax.data.folder import WHEEL_PHOTOS
+    for name in WHEEL_PHOTOS:
+        img = source.get(TRAIN_PHOTOS.index(name))[0].astype(np.float32)
+        assert min(img.shape[:2]) >= 400 and img.std() > 20, (name, img.shape)
+        assert np.abs(img - img.mean(-1, keepdims=True)).mean() > 5, name  # not grey
 
     cfg = _cfg(None, batch_size=len(TRAIN_PHOTOS), source="bundled_photos")
     first, again = batch_for_step(cfg, 5), batch_for_step(cfg, 5)

@@ -6,9 +6,9 @@ palette and the like become RGB, transparency is composited on white, 16-bit and
 images are scaled to 8 bits; corrupt or truncated files raise `BadImageError` (the pipeline
 skips and counts them).
 
-`BUNDLED_PHOTOS` is a declared list of the photos inside the scikit-image wheel, the same on
-every machine (nothing is downloaded, nothing is cached). `HELD_OUT_PHOTOS` feed the sample
-grids and the end-of-run table and never training.
+`BUNDLED_PHOTOS` is a declared list of the photos inside pinned wheels (scikit-image's, and
+`WHEEL_PHOTOS` from scikit-learn and matplotlib), the same on every machine (nothing is downloaded,
+nothing is cached). `HELD_OUT_PHOTOS` feed the sample grids and the end-of-run table and never training.
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from asymvq_jax import paths
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 
+# Colour photos that ship inside other wheels pinned in pyproject.toml: (distribution, file in it).
+WHEEL_PHOTOS = {"china": ("scikit-learn", "sklearn/datasets/images/china.jpg"),
+                "flower": ("scikit-learn", "sklearn/datasets/images/flower.jpg"),
+                "grace_hopper": ("matplotlib", "matplotlib/mpl-data/sample_data/grace_hopper.jpg")}
 BUNDLED_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
-                  "retina", "motorcycle_left", "camera", "coins", "moon", "grass", "gravel", "brick", "clock")
+                  "retina", "motorcycle_left", "camera", "coins", "moon", "grass", "gravel", "brick", "clock",
+                  *WHEEL_PHOTOS)
 HELD_OUT_PHOTOS = ("chelsea", "coffee", "rocket")
 TRAIN_PHOTOS = tuple(name for name in BUNDLED_PHOTOS if name not in HELD_OUT_PHOTOS)
 
@@ -102,9 +107,21 @@ def bundled_photo(name: str) -> np.ndarray:
     """One of `BUNDLED_PHOTOS` as uint8 [H, W, 3] (grayscale ones repeated to RGB)."""
     if name not in BUNDLED_PHOTOS:
         raise ValueError(f"{name!r} is not a bundled photo; known: {', '.join(BUNDLED_PHOTOS)}")
+    if name in WHEEL_PHOTOS:
+        return wheel_photo(*WHEEL_PHOTOS[name])
     import skimage.data
     img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
     return np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
+
+
+def wheel_photo(distribution: str, file: str) -> np.ndarray:
+    """A photo file inside an installed wheel, found through its metadata (the package is not imported)."""
+    from importlib import metadata
+    try:
+        path = metadata.distribution(distribution).locate_file(file)
+    except metadata.PackageNotFoundError:
+        raise ValueError(f"{file} ships in {distribution}, which is not installed (bash scripts/setup.sh installs it)") from None
+    return decode_rgb(str(path))[0]
 
 
 def sample_photos_dir(dst: str | os.PathLike, names: tuple[str, ...] = TRAIN_PHOTOS) -> str:
