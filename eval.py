@@ -74,10 +74,7 @@ def check_out(args) -> None:
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
-    try:
-        check_out(args)
-    except paths.DestinationError as e:
-        sys.exit(f"error: {e}")
+    check_out(args)
     decoders = [evaluate.load_decoder(p, step=args.step, allow_pickle=args.allow_pickle) for p in args.decoder]
     images = evaluate.dataset_images(args.data, args.limit)
     masks = load_masks(default_masks(args.image_size) if not args.masks else args.masks, args.image_size)
@@ -93,4 +90,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input, named: no traceback
+        sys.exit(f"error: {e}")

@@ -4,8 +4,14 @@ A workdir holds `checkpoints/<step>/` (the train state and the frozen parameters
 `model_config.json` (the `VAEConfig`), which is all an export needs.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import logging
+import os
+import socket
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -14,26 +20,130 @@ from asymvq_jax import paths
 from asymvq_jax.models import VAEConfig
 
 MODEL_CONFIG = "model_config.json"
+LOCK = "train.lock"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, named with the reason."""
 
 
 def manager(workdir: str, *, keep: int = 3, save_every: int | None = None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=save_every or 1,
                                            enable_async_checkpointing=True, create=True)
-    return ocp.CheckpointManager(paths.path(workdir) / "checkpoints", options=options)
+    # The handler named up front lets the manager read a step's tree metadata itself (reading
+    # it through a bare checkpointer warns that _CHECKPOINT_METADATA, a step-level file, is missing).
+    return ocp.CheckpointManager(paths.path(workdir) / "checkpoints", options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mgr: ocp.CheckpointManager, step: int, ckpt, *, force: bool = False) -> bool:
     return mgr.save(step, args=ocp.args.StandardSave(ckpt), force=force)
 
 
-def restore(mgr: ocp.CheckpointManager, like, step: int | None = None):
-    """Restores `step` (default: the latest) into the structure and shardings of `like` (arrays or
-    ShapeDtypeStructs): a checkpoint saved on one mesh restores onto any other."""
-    step = mgr.latest_step() if step is None else step
-    if step is None:
-        return None
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like)
-    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+def restore(mgr: ocp.CheckpointManager, target_of, step: int | None = None) -> tuple[int, object, list[int]]:
+    """(step, tree, skipped steps): `step`, or the newest step that can be read. A step that
+    cannot be read (a truncated array file, missing metadata) is skipped with a warning that says
+    why, and is never deleted; a named `step` that cannot be read is an error.
+
+    `target_of(tree metadata)` gives what to restore into (arrays or ShapeDtypeStructs, with the
+    shardings wanted: a checkpoint saved on one mesh restores onto any other); a tree whose
+    structure differs from the saved one is an error, not a damaged step.
+    """
+    saved = sorted(mgr.all_steps(), reverse=True)
+    if step is not None and step not in saved:
+        raise CheckpointError(f"{mgr.directory}: no checkpoint at step {step}; saved steps: {sorted(saved)}")
+    skipped = []
+    for s in [step] if step is not None else saved:
+        try:
+            if not (mgr.directory / str(s) / "default" / "_METADATA").exists():
+                raise FileNotFoundError("default/_METADATA, its tree structure, is missing")
+            meta = mgr.item_metadata(s)
+            if meta is None:
+                raise FileNotFoundError("its tree metadata cannot be read")
+            meta = getattr(meta, "tree", meta)
+            target = target_of(meta)
+            _check_structure(mgr.directory / str(s), meta, target)
+            return s, mgr.restore(s, args=ocp.args.StandardRestore(target)), skipped
+        except CheckpointError:
+            raise
+        except Exception as e:  # orbax and tensorstore raise many kinds for a damaged step
+            why = _reason(e)
+        where = mgr.directory / str(s)
+        if step is not None:
+            raise CheckpointError(f"{where} cannot be read: {why}")
+        logging.warning("checkpoint %s cannot be read (%s); trying the step before it. It is kept as it is: "
+                        "remove that folder to drop it, or name a step with --step", where, why)
+        skipped.append(s)
+    if skipped:
+        raise CheckpointError(f"{mgr.directory}: no checkpoint can be read (steps {skipped}, each named above); "
+                              "move them away to start afresh")
+    return 0, None, []
+
+
+def _check_structure(where, meta, target) -> None:
+    """The trained and frozen parameters (plain dicts) must match by path; what the optimizer
+    state holds follows from them."""
+    def parts(tree):
+        train = tree.get("train", {})
+        return {**{f"train.{k}": None for k in train}, **{f"train.params.{k}": None for k in flatten(train.get("params", {}))},
+                **{f"frozen.{k}": None for k in flatten(tree.get("frozen") or {})}}
+    saved, wanted = set(parts(meta)), set(parts(target))
+    if saved != wanted:
+        only_saved, only_wanted = sorted(saved - wanted), sorted(wanted - saved)
+        raise CheckpointError(
+            f"{where} holds another train state than this run builds: {len(only_saved)} entries only in the "
+            f"checkpoint (e.g. {only_saved[:2]}), {len(only_wanted)} only in this run (e.g. {only_wanted[:2]})")
+
+
+def _reason(e: BaseException) -> str:
+    """The innermost cause's first line: orbax wraps tensorstore's useful message in a long one."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def set_aside(mgr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Renames unreadable steps to `<step>.unreadable` (kept, never deleted), so that a resumed
+    run can save those steps again."""
+    for s in steps:
+        where = mgr.directory / str(s)
+        aside = mgr.directory / f"{s}.unreadable"
+        n = 1
+        while aside.exists():
+            aside, n = mgr.directory / f"{s}.unreadable.{n}", n + 1
+        where.rename(aside)
+        logging.warning("moved the unreadable checkpoint %s to %s; this run saves step %d again", where, aside, s)
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another run trains in the same workdir."""
+
+
+@contextlib.contextmanager
+def lock_workdir(workdir: str):
+    """One run per workdir: an exclusive lock on `<workdir>/train.lock`, which the system releases
+    when the process ends, however it ends. Object stores have no such lock: not checked there."""
+    if paths.is_remote(workdir) or jax.process_index() != 0:
+        yield
+        return
+    f = open(paths.join(workdir, LOCK), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise WorkdirBusyError(f"{workdir} is in use by another training run ({holder}); wait for it to end, "
+                               "or give this run another --workdir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 def is_workdir(path: str) -> bool:
@@ -41,23 +151,26 @@ def is_workdir(path: str) -> bool:
 
 
 def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
-    """The autoencoder of a training workdir at `step` (default: latest), EMA weights if kept."""
+    """The autoencoder of a training workdir at `step` (default: the newest that can be read),
+    EMA weights if kept."""
     from asymvq_jax.convert import build_model
     from asymvq_jax.convert.keys import str_to_path
+    config = read_model_config(workdir)
     mgr = manager(workdir)
-    step = mgr.latest_step() if step is None else step
-    if step is None or step not in mgr.all_steps():
-        raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; saved steps: {list(mgr.all_steps())}")
     # Onto this process's first device, whatever mesh and hosts saved it.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = ocp.StandardCheckpointer().metadata(mgr.directory / str(step) / "default")
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          getattr(meta, "item_metadata", meta))
-    saved = mgr.restore(step, args=ocp.args.StandardRestore(target))
-    mgr.close()
+    try:
+        found, saved, skipped = restore(mgr, lambda meta: jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta), step)
+    finally:
+        mgr.close()
+    if saved is None:
+        raise CheckpointError(f"{workdir}: no checkpoint saved yet")
+    if skipped:
+        logging.warning("%s: using step %d, the newest that can be read", workdir, found)
     trained = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
     flat = {**flatten(trained), **flatten(saved.get("frozen") or {})}
-    return build_model(read_model_config(workdir), {str_to_path(k): v for k, v in flat.items()})
+    return build_model(config, {str_to_path(k): v for k, v in flat.items()})
 
 
 def flatten(tree) -> dict[str, object]:
@@ -75,4 +188,5 @@ def read_model_config(workdir: str) -> VAEConfig:
     path = paths.join(workdir, MODEL_CONFIG)
     if not paths.exists(path):
         raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {MODEL_CONFIG}")
-    return VAEConfig(**json.loads(paths.read_text(path)))
+    from asymvq_jax.convert.readers import config_from_json, read_json_object
+    return config_from_json(read_json_object(path), path)

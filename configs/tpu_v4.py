@@ -12,7 +12,10 @@ from asymvq_jax.train.config import default_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="x1.5", bucket="YOUR_BUCKET", init_from="", batch=128, fsdp=1, runlocal=False)
+    arg = parse_arg(arg, variant="x1.5", bucket="", init_from="", batch=128, fsdp=1, runlocal=False)
+    if not arg.bucket and not arg.runlocal:
+        raise ValueError("configs/tpu_v4.py: no bucket set; give yours: --config configs/tpu_v4.py:bucket=NAME "
+                         "(or :runlocal to try it on this machine)")
     c = default_config()
     c.model.preset = f"asym-{arg.variant}"
     c.init_from = arg.init_from

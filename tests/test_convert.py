@@ -576,3 +576,35 @@ def test_fresh_export_is_readable_by_other_users(asym_dir):
         assert r.returncode == 0 and r.stdout.strip() == "{", r.stderr[-2000:]
     finally:
         shutil.rmtree(top)
+
+
+@pytest.mark.parametrize("case", ["missing key", "wrong type", "a list", "nan weights", "zero groups"])
+def test_malformed_config_or_weights_is_one_line_naming_the_key(asym_dir, tmp_path, capsys, case):
+    import shutil
+
+    import convert_weights
+    src = tmp_path / "src"
+    shutil.copytree(asym_dir, src)
+    cfg = json.loads((src / "config.json").read_text())
+    if case == "missing key":
+        del cfg["up_block_out_channels"]
+        expected = r"config.json: missing key up_block_out_channels: expected a list"
+    elif case == "wrong type":
+        cfg["latent_channels"] = "four"
+        expected = r'config.json: latent_channels="four": expected a positive integer'
+    elif case == "a list":
+        cfg = []
+        expected = r"config.json: expected a JSON object \{...\}, got list \[\]"
+    elif case == "zero groups":
+        cfg["norm_num_groups"] = 0
+        expected = r"config.json: norm_num_groups=0: expected a positive integer"
+    else:
+        tensors = load_file(src / "diffusion_pytorch_model.safetensors")
+        tensors["decoder.conv_out.bias"][1] = np.nan
+        save_file(tensors, src / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+        expected = r"1 tensors hold NaN or Inf \(decoder.conv_out.bias\)"
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert convert_weights.main(["export", str(src), str(tmp_path / "out"), "--format", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(expected, err) and str(src) in err, err
+    assert not (tmp_path / "out").exists()

@@ -182,7 +182,7 @@ def test_out_never_overlaps_an_input_or_replaces_another_folder(tmp_path):
     for out, message in ((workdir, "the same place as the source"), (workdir / "eval", "inside the source"),
                          (photos / "eval", "inside the source"), (tmp_path, "a folder holding the source"),
                          (unrelated, "exists and is not an earlier eval's output")):
-        with pytest.raises(SystemExit, match=message):
+        with pytest.raises(ValueError, match=message):
             main(args + ["--out", str(out)])
     assert sorted(os.listdir(tmp_path)) == ["photos", "unrelated", "workdir"]
     assert all(os.listdir(d) == ["keep.txt"] for d in (workdir, photos, unrelated))

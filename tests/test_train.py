@@ -147,10 +147,85 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, uninte
     checkpoint.load_model(workdir)  # still restorable
 
 
-def test_missing_dataset_fails_at_start_up(assets, tmp_path):
-    with pytest.raises((ValueError, FileNotFoundError), match="nowhere"):
-        train(config(assets, **{"data.path": str(tmp_path / "nowhere")}), str(tmp_path / "w"))
-    assert not os.path.exists(tmp_path / "w" / "checkpoints" / "1")
+def test_bad_input_fails_at_start_up_and_leaves_no_workdir(assets, tmp_path):
+    os.makedirs(tmp_path / "broken")
+    for i in range(3):
+        (tmp_path / "broken" / f"{i}.png").write_bytes(b"not a png")
+    for changes, message in (({"data.path": str(tmp_path / "nowhere")}, "nowhere"),
+                             ({"data.path": str(tmp_path / "broken")}, r"none of the first 3 images can be read"),
+                             ({"data.source": "nosuch"}, "'nosuch'")):
+        started = time.perf_counter()
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            train(config(assets, **changes), str(tmp_path / "w"))
+        assert time.perf_counter() - started < 10, changes
+        assert not os.path.exists(tmp_path / "w"), changes
+
+
+def test_second_run_on_a_workdir_is_refused(assets, tmp_path):
+    workdir = str(tmp_path / "busy")
+    os.makedirs(workdir)
+    with checkpoint.lock_workdir(workdir):
+        with pytest.raises(checkpoint.WorkdirBusyError, match=f"{workdir} is in use by another training run .pid "
+                                                             f"{os.getpid()}"):
+            train(config(assets), workdir)
+    assert sorted(os.listdir(workdir)) == ["train.lock"]
+
+
+def _damage(workdir):
+    """Step 6: one array file cut short; step 4: its tree metadata deleted."""
+    data = os.path.join(workdir, "checkpoints", "6", "default", "ocdbt.process_0", "d")
+    largest = max((os.path.join(data, f) for f in os.listdir(data)), key=os.path.getsize)
+    os.truncate(largest, 100)
+    os.remove(os.path.join(workdir, "checkpoints", "4", "default", "_METADATA"))
+
+
+def test_damaged_checkpoints_are_skipped_named_and_kept(assets, uninterrupted, tmp_path, caplog):
+    import shutil
+
+    import convert_weights
+    workdir = str(tmp_path / "damaged")
+    shutil.copytree(uninterrupted, workdir)
+    _damage(workdir)
+    with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/6 cannot be read: OUT_OF_RANGE"):
+        checkpoint.load_model(workdir, step=6)
+    caplog.clear()
+    assert convert_weights.main(["export", workdir, str(tmp_path / "export"), "--format", "asymvq"]) == 0
+    said = caplog.text
+    assert "checkpoints/6 cannot be read (OUT_OF_RANGE" in said and "_METADATA" in said and "--step" in said
+    assert "using step 2, the newest that can be read" in said
+    np.testing.assert_array_equal(checkpoint.load_model(workdir, step=2).decoder.conv_out.kernel[...],
+                                  __import__("asymvq_jax").from_pretrained(str(tmp_path / "export"))
+                                  .decoder.conv_out.kernel[...])
+
+    train(config(assets), workdir)  # resumes at step 2, runs to step 6
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "4", "4.unreadable", "6",
+                                                                         "6.unreadable"]
+    want, got = losses(uninterrupted), losses(workdir)
+    for step in range(3, 7):
+        for term in ("loss", "nll", "d_loss", "known_mse"):
+            assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        trained = [r["step"] for r in map(json.loads, f) if "loss" in r]
+    assert trained == [1, 2, 3, 4, 5, 6]  # the resumed steps once each
+
+
+def test_export_or_import_into_a_workdir_is_refused(uninterrupted, tmp_path, capsys):
+    pytest.importorskip("diffusers")
+    import convert_weights
+
+    from tests.test_convert import tree_hashes
+    other = str(tmp_path / "model")
+    assert convert_weights.main(["export", uninterrupted, other, "--format", "asymvq"]) == 0
+    before = tree_hashes(os.path.dirname(uninterrupted))
+    for argv, message in ((["export", uninterrupted, uninterrupted, "--format", "diffusers", "--force"],
+                           "the same place as the source"),
+                          (["export", uninterrupted, os.path.dirname(uninterrupted), "--format", "diffusers"],
+                           "a folder holding the source"),
+                          (["import", other, uninterrupted], "is not an asymvq export"),
+                          (["export", other, uninterrupted, "--format", "diffusers"], "is not a diffusers export")):
+        assert convert_weights.main(argv) == 2
+        assert message in capsys.readouterr().err, argv
+    assert tree_hashes(os.path.dirname(uninterrupted)) == before
 
 
 def test_export_of_a_workdir_loads_in_diffusers(uninterrupted, tmp_path):
@@ -189,3 +264,40 @@ def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp
     step_of = lambda tree: float(jnp.abs(tree["kernel"]).max())  # noqa: E731
     ratio = step_of(updates["decoder"]["conv_out"]) / step_of(updates["decoder"]["condition_encoder"]["layers"][0])
     assert ratio == pytest.approx(c.pretrained_lr_mult, rel=1e-4)
+
+
+def test_resume_with_another_train_state_says_what_changed(assets, uninterrupted, tmp_path):
+    import shutil
+    run = json.load(open(os.path.join(uninterrupted, "run_config.json")))
+    assert run["lr"] == 1e-3 and run["batch_size"] == 2 and run["init_from"] is None and not run["train_encoder"]
+    assert run["family"] == "asymmetric" and run["mesh"].startswith("data=") and run["model"]["norm_num_groups"] == 4
+    workdir = str(tmp_path / "resumed")
+    shutil.copytree(uninterrupted, workdir)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"train_encoder was False and is now True: resume with the settings of "
+                                         r".*run_config.json, or start this run in a new --workdir"):
+        train(config(assets, train_encoder=True), workdir)
+    assert time.perf_counter() - started < 10
+
+
+def _cli_error(*args) -> tuple[str, float]:
+    """train.py's stderr and the CPU seconds it took (wall time depends on the machine's load)."""
+    import resource
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": ROOT})
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    assert r.returncode != 0
+    return r.stderr, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def test_config_mistakes_are_one_line_before_anything_is_built(tmp_path):
+    err, cpu = _cli_error("--config=configs/tpu_v4.py", f"--workdir={tmp_path / 'w'}")
+    assert err.strip().splitlines() == ["error: configs/tpu_v4.py: no bucket set; give yours: "
+                                        "--config configs/tpu_v4.py:bucket=NAME (or :runlocal to try it on this "
+                                        "machine)"] and cpu < 10, (err, cpu)
+    err, cpu = _cli_error("--config=configs/local.py", f"--workdir={tmp_path / 'w'}", "--config.loss.disc_factor=1")
+    assert err.strip().splitlines() == [
+        "error: loss is not a field: configs/local.py runs stages ['autoencoder', 'asymmetric'], each with its own "
+        "fields: give --config.autoencoder.loss.disc_factor or --config.asymmetric.loss.disc_factor"] and cpu < 10
+    assert not os.path.exists(tmp_path / "w")

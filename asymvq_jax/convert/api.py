@@ -10,7 +10,7 @@ from asymvq_jax.models.config import VAEConfig
 
 from . import keys as K
 from . import writers
-from .errors import KeyMismatchError, ShapeMismatchError
+from .errors import CorruptFileError, KeyMismatchError, ShapeMismatchError
 from .readers import Checkpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -136,7 +136,16 @@ def model_params(vae) -> dict[K.Path, np.ndarray]:
 # public API
 # --------------------------------------------------------------------------------------------
 
+def check_finite(ckpt: Checkpoint) -> None:
+    bad = sorted(k for k, v in ckpt.tensors.items()
+                 if v.dtype.kind not in "biu" and not np.isfinite(np.asarray(v, np.float32)).all())
+    if bad:
+        raise CorruptFileError(f"{ckpt.source}: {len(bad)} tensors hold NaN or Inf ({_listing(bad)}); "
+                               "expected finite weights")
+
+
 def load_checkpoint_params(ckpt: Checkpoint, abstract) -> dict[K.Path, np.ndarray]:
+    check_finite(ckpt)
     try:
         return diffusers_to_flax_params(ckpt.tensors, expected_shapes(abstract))
     except KeyMismatchError as e:

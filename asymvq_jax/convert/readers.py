@@ -17,7 +17,7 @@ from collections import Counter
 import numpy as np
 
 from asymvq_jax import paths
-from asymvq_jax.models.config import PRESETS, VAEConfig
+from asymvq_jax.models.config import PRESETS, ConfigError, VAEConfig
 
 from . import keys as K
 from .errors import CorruptFileError, PickleNotAllowedError, UnknownFormatError
@@ -226,7 +226,7 @@ def infer_config(tensors: dict[str, np.ndarray], base: VAEConfig | None = None) 
 
 
 def _architecture(cfg: VAEConfig) -> VAEConfig:
-    return cfg.replace(scaling_factor=0.0, shift_factor=None)
+    return cfg.replace(scaling_factor=1.0, shift_factor=None)  # the weights do not depend on them
 
 
 def match_preset(cfg: VAEConfig) -> str:
@@ -240,23 +240,30 @@ def config_to_json(cfg: VAEConfig) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
 
 
-def config_from_json(d: dict) -> VAEConfig:
-    names = {f.name for f in dataclasses.fields(VAEConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise UnknownFormatError(f"asymvq config has unknown fields {unknown}")
-    return VAEConfig(**d)
+def config_from_json(d: dict, source: str) -> VAEConfig:
+    return config_at(source, VAEConfig.from_dict, d)
+
+
+def config_at(source: str, make, *args) -> VAEConfig:
+    """`make(*args)`, a config error naming the file `source` it came from."""
+    try:
+        return make(*args)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
 
-def _read_json(path: str) -> dict:
+def read_json_object(path: str) -> dict:
     try:
-        return json.loads(paths.read_text(path))
+        d = json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{path}: not valid JSON: {e}") from e
+        raise CorruptFileError(f"{path}: not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a JSON object {{...}}, got {type(d).__name__} {json.dumps(d)[:60]}")
+    return d
 
 
 def _find_folder_weights(folder: str, names) -> str | None:
@@ -273,17 +280,18 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
     json_cfg: VAEConfig | None = None
     if paths.isdir(path):
         if paths.isfile(paths.join(path, ASYMVQ_CONFIG)):
-            meta = _read_json(paths.join(path, ASYMVQ_CONFIG))
+            meta = read_json_object(paths.join(path, ASYMVQ_CONFIG))
             version = meta.get("format_version")
             if meta.get("format") != "asymvq" or not isinstance(version, int) or version > ASYMVQ_FORMAT_VERSION:
                 raise UnknownFormatError(f"{path}/{ASYMVQ_CONFIG}: format {meta.get('format')!r} version {version!r}; "
                                          f"this code reads asymvq versions <= {ASYMVQ_FORMAT_VERSION}")
-            json_cfg = config_from_json(meta.get("config", {}))
+            json_cfg = config_from_json(meta.get("config", {}), paths.join(path, ASYMVQ_CONFIG))
             weights = paths.join(path, ASYMVQ_WEIGHTS)
             if not paths.isfile(weights):
                 raise UnknownFormatError(f"{path}: has {ASYMVQ_CONFIG} but no {ASYMVQ_WEIGHTS}")
         elif paths.isfile(paths.join(path, "config.json")):
-            json_cfg = VAEConfig.from_diffusers_config(_read_json(paths.join(path, "config.json")))
+            json_cfg = config_at(paths.join(path, "config.json"), VAEConfig.from_diffusers_config,
+                                 read_json_object(paths.join(path, "config.json")))
             weights = _find_folder_weights(path, DIFFUSERS_WEIGHTS)
             if weights is None:
                 vae = paths.join(path, "vae")
@@ -300,7 +308,7 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
         raise UnknownFormatError(f"{weights}: holds no tensors")
     if json_cfg is None and "asymvq_config" in metadata:
         try:
-            json_cfg = config_from_json(json.loads(metadata["asymvq_config"]))
+            json_cfg = config_from_json(json.loads(metadata["asymvq_config"]), f"{weights} (metadata asymvq_config)")
         except json.JSONDecodeError as e:
             raise CorruptFileError(f"{weights}: bad asymvq_config metadata: {e}") from e
     layout = detect_layout(tensors)

@@ -110,6 +110,18 @@ class FolderSource:
     def __init__(self, path: str):
         self.paths = list_images(path)
         self.desc = f"folder:{path}"
+        self._check_readable()
+
+    def _check_readable(self) -> None:
+        """Fails at start-up, not once the model is built, if no image among the first ones decodes."""
+        errors = []
+        for p in self.paths[:_MAX_RETRIES]:
+            try:
+                decode_rgb(p)
+                return
+            except BadImageError as e:
+                errors.append(f"{p}: {e}")
+        raise ValueError(f"{self.desc}: none of the first {len(errors)} images can be read (e.g. {errors[0]})")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -277,7 +289,10 @@ class TrainIterator:
             arr, example_rng(self.seed, _TAG_CROP, step, j), self.image_size
         )
         if up:
-            self._count("upsampled", name)
+            n = self._count("upsampled", name)
+            if n is not None:
+                log.info("upsampled image %s (%dx%d, cropped smaller than %d px); %d upsampled so far",
+                         name, arr.shape[1], arr.shape[0], self.image_size, n)
         s = self.image_size
         mask = training_mask(
             example_rng(self.seed, _TAG_MASK, step, j), s, s, self.mask_variant,
@@ -410,10 +425,13 @@ def make_train_iterator(
     process_index: int | None = None,
     process_count: int | None = None,
     background: bool = True,
+    source=None,
 ) -> TrainIterator:
-    """Endless per-host training batches starting at ``start_step`` (module docstring)."""
+    """Endless per-host training batches starting at ``start_step`` (module docstring), from
+    ``source`` (default: ``make_source(config, ...)``)."""
     process_index, process_count = _process_info(process_index, process_count)
-    source = make_source(config, process_index=process_index, process_count=process_count)
+    if source is None:
+        source = make_source(config, process_index=process_index, process_count=process_count)
     data = config.data
     return TrainIterator(
         source,

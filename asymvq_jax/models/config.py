@@ -1,7 +1,31 @@
 """Autoencoder configuration, the published presets, and the diffusers config.json mapping."""
 
 import dataclasses
+import json
+import math
 from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value that is missing, of the wrong type or out of range; says key and expectation."""
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _short(v) -> str:
+    text = json.dumps(v) if isinstance(v, (list, dict, str, int, float, bool, type(None))) else repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expect(key: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={_short(value)}: expected {expected}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,15 +47,39 @@ class VAEConfig:
     asymmetric: bool = True
 
     def __post_init__(self):
+        for name in ("in_channels", "out_channels", "latent_channels", "norm_num_groups",
+                     "layers_per_down_block", "layers_per_up_block"):
+            _expect(name, getattr(self, name), _is_count(getattr(self, name)), "a positive integer")
         for name in ("down_block_out_channels", "up_block_out_channels"):
-            channels = tuple(getattr(self, name))
+            value = getattr(self, name)
+            ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(map(_is_count, value))
+            _expect(name, value, ok, "a non-empty list of positive integers, e.g. [128, 256, 512, 512]")
+            channels = tuple(value)
             object.__setattr__(self, name, channels)
             bad = [c for c in channels if c % self.norm_num_groups]
             if bad:
-                raise ValueError(f"{name}={channels}: {bad} not divisible by norm_num_groups={self.norm_num_groups}")
+                raise ConfigError(f"{name}={list(channels)}: expected multiples of norm_num_groups="
+                                  f"{self.norm_num_groups}; {bad} are not")
+        _expect("scaling_factor", self.scaling_factor, _is_number(self.scaling_factor) and self.scaling_factor > 0,
+                "a positive finite number")
+        _expect("shift_factor", self.shift_factor, self.shift_factor is None or _is_number(self.shift_factor),
+                "a finite number or null")
+        _expect("asymmetric", self.asymmetric, isinstance(self.asymmetric, bool), "true or false")
         if self.asymmetric and len(self.up_block_out_channels) != 4:
             # The branch has a fixed stride of 16: features at H, H, H/2, H/4, H/8.
-            raise ValueError(f"the asymmetric decoder needs 4 up levels, got up_block_out_channels={self.up_block_out_channels}")
+            raise ConfigError(f"up_block_out_channels={list(self.up_block_out_channels)}: expected 4 levels for "
+                              "the asymmetric decoder")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "VAEConfig":
+        """Our own JSON form (`dataclasses.asdict`): every key known, every value checked."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object of VAEConfig fields, got {type(d).__name__} {_short(d)}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown keys {unknown}; expected some of {names}")
+        return cls(**d)
 
     def replace(self, **changes) -> "VAEConfig":
         return dataclasses.replace(self, **changes)
@@ -57,6 +105,8 @@ class VAEConfig:
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict[str, Any]) -> "VAEConfig":
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"expected a JSON object (diffusers' config), got {type(cfg).__name__} {_short(cfg)}")
         kind = cfg.get("_class_name")
         if kind not in ("AsymmetricAutoencoderKL", "AutoencoderKL"):
             raise ValueError(f"config.json _class_name={kind!r}: expected AutoencoderKL or AsymmetricAutoencoderKL")
@@ -66,14 +116,17 @@ class VAEConfig:
                   "latent_channels": cfg.get("latent_channels", 4), "norm_num_groups": cfg.get("norm_num_groups", 32),
                   "scaling_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor")}
         if kind == "AsymmetricAutoencoderKL":
-            return cls(**common, asymmetric=True, down_block_out_channels=tuple(cfg["down_block_out_channels"]),
+            for key in ("down_block_out_channels", "up_block_out_channels"):
+                if key not in cfg:
+                    raise ConfigError(f"missing key {key}: expected a list of channel counts, e.g. [128, 256, 512, 512]")
+            return cls(**common, asymmetric=True, down_block_out_channels=cfg["down_block_out_channels"],
                        layers_per_down_block=cfg.get("layers_per_down_block", 1),
-                       up_block_out_channels=tuple(cfg["up_block_out_channels"]),
+                       up_block_out_channels=cfg["up_block_out_channels"],
                        layers_per_up_block=cfg.get("layers_per_up_block", 1))
         for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
             if cfg.get(flag, True) is False:
                 raise ValueError(f"config.json {flag}=false is not supported")
-        channels, layers = tuple(cfg.get("block_out_channels", (64,))), cfg.get("layers_per_block", 1)
+        channels, layers = cfg.get("block_out_channels", (64,)), cfg.get("layers_per_block", 1)
         return cls(**common, asymmetric=False, down_block_out_channels=channels, layers_per_down_block=layers,
                    up_block_out_channels=channels, layers_per_up_block=layers)
 

@@ -11,7 +11,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from asymvq_jax import checkpoint, parallel, paths
-from asymvq_jax.data import held_out_batch, make_train_iterator
+from asymvq_jax.data import held_out_batch, make_source, make_train_iterator
 from asymvq_jax.evaluate import make_train_evaluator
 from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import logs
@@ -65,32 +65,43 @@ def train(config, workdir: str) -> dict[str, float]:
 
 
 def _train(config, workdir, cleanup) -> dict[str, float]:
-    # ---- hosts, workdir and mesh
+    # ---- hosts and mesh
     parallel.initialize(config)
-    paths.makedirs(workdir)
     logs.quiet_libraries()
     mesh = parallel.make_mesh(config.get("mesh"))
     parallel.check_batch_size(config.batch_size, mesh)
-    logging.info("mesh %s", parallel.describe(mesh))
 
-    # ---- input first: a missing or empty dataset fails before anything is built
+    # ---- input first: a missing, empty or unreadable dataset fails before anything is made
+    source = make_source(config, process_index=jax.process_index(), process_count=jax.process_count())
+
+    # ---- the workdir, one run at a time
+    paths.makedirs(workdir)
+    cleanup.enter_context(checkpoint.lock_workdir(workdir))
     mgr = checkpoint.manager(workdir, keep=config.keep_checkpoints, save_every=config.checkpoint_every)
     cleanup.callback(mgr.close)
     cleanup.callback(mgr.wait_until_finished)  # runs first: a pending async save completes
-    start = mgr.latest_step() or 0
-    data = cleanup.enter_context(make_train_iterator(config, start_step=start))
+    run = logs.run_summary(config, mesh, workdir, source.desc)
+    if mgr.all_steps():
+        logs.check_resumable(workdir, run)
+    if jax.process_index() == 0:
+        logs.write_run_summary(workdir, run)
 
     # ---- models, optimizers, train state: created sharded, or restored into the same shardings
-    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=bool(start))
+    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=bool(mgr.all_steps()))
     logging.info("model %s: %.2fM parameters trained, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
+    start, restored, skipped = checkpoint.restore(mgr, lambda _: {"train": state, "frozen": consts["frozen"]})
+    if restored is not None:
+        state, consts["frozen"] = restored["train"], restored["frozen"]
+        if jax.process_index() == 0:
+            checkpoint.set_aside(mgr, skipped)
+        parallel.sync_hosts("checkpoints set aside")
+        mgr.reload()
+        logging.info("resumed from %s at step %d", workdir, start)
     if jax.process_index() == 0:
         checkpoint.write_model_config(workdir, model_config(config))
-    if start:
-        restored = checkpoint.restore(mgr, {"train": state, "frozen": consts["frozen"]}, start)
-        state, consts["frozen"] = restored["train"], restored["frozen"]
-        logging.info("resumed from %s at step %d", workdir, start)
+    data = cleanup.enter_context(make_train_iterator(config, start_step=start, source=source))
 
     # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
     # different times, and the first collective would not wait long for a late one
@@ -106,7 +117,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     parallel.sync_hosts("compiled")
 
     # ---- loop
-    writer = logs.MetricWriter(workdir)
+    writer = logs.MetricWriter(workdir, start)
     cleanup.callback(writer.close)
     progress = logs.Progress(start, config.total_steps, config.log_every)
     cleanup.callback(progress.close)
