@@ -178,6 +178,21 @@ def test_empty_or_missing_folder_fails_clearly(tmp_path):
     (tmp_path / "empty" / "sub" / "readme.txt").write_text("x")
     with pytest.raises(ValueError, match="empty.*contains no images"):
         make_train_iterator(_cfg(tmp_path / "empty"), process_index=0, process_count=1)
+    (tmp_path / "broken").mkdir()
+    for name in ("a.png", "b.jpg"):
+        (tmp_path / "broken" / name).write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"broken: none of the first 2 images can be read \(e.g. .*a.png: "):
+        make_train_iterator(_cfg(tmp_path / "broken"), process_index=0, process_count=1)
+
+
+def test_a_one_pixel_image_is_upsampled_and_counted(tmp_path, caplog):
+    Image.fromarray(np.full((1, 1, 3), 200, np.uint8)).save(tmp_path / "dot.png")
+    caplog.set_level(logging.INFO, logger="asymvq_jax.data")
+    it = make_train_iterator(_cfg(tmp_path), process_index=0, process_count=1, background=False)
+    batch = next(it)
+    assert it.stats["upsampled"] == 1 and np.allclose(batch["image"], 200 / 127.5 - 1)
+    assert any(r.getMessage().startswith("upsampled image") and "dot.png (1x1" in r.getMessage()
+               and "1 upsampled so far" in r.getMessage() for r in caplog.records)
 
 
 def test_sample_photos_dir_writes_the_training_photos(tmp_path):

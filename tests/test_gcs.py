@@ -204,3 +204,18 @@ def test_folder_export_over_an_older_one_and_metrics_continue(bucket, tmp_path):
     assert paths.read_text(f"{bucket}/log.jsonl") == "a\n"  # held back until close or every_s
     log.close()
     assert paths.read_text(f"{bucket}/log.jsonl") == "a\nb\n"
+
+
+def test_gs_destinations_are_checked_like_local_ones(bucket):
+    from asymvq_jax import from_pretrained, save_pretrained
+    from asymvq_jax.paths import DestinationError, overlaps
+    assert overlaps(f"{bucket}/sd/", f"{bucket}/sd") == "the same place as"
+    assert overlaps(f"{bucket}/sd/x/../y", f"{bucket}/sd") == "inside"
+    assert overlaps(bucket, f"{bucket}/sd") == "a folder holding"
+    vae = from_pretrained(f"{bucket}/sd")
+    paths.write_text(f"{bucket}/mine/notes.txt", "mine")
+    with pytest.raises(DestinationError, match="is not a diffusers export"):
+        save_pretrained(vae, f"{bucket}/mine", format="diffusers")
+    save_pretrained(vae, f"{bucket}/mine", format="diffusers", force=True)
+    assert paths.read_text(f"{bucket}/mine/notes.txt") == "mine"
+    assert from_pretrained(f"{bucket}/mine").config == vae.config
