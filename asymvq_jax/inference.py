@@ -15,7 +15,7 @@ from PIL import Image
 
 from asymvq_jax import paths
 from asymvq_jax.models import AutoencoderKL
-from asymvq_jax.models.condition import blend
+from asymvq_jax.models.blocks import group_norm_with, own_statistics
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -88,19 +88,12 @@ def core_bounds(starts: list[int], tile: int, size: int) -> list[tuple[int, int]
     return list(zip(cuts, cuts[1:]))
 
 
-def _normalize(norm: nnx.GroupNorm, x, stats):
-    """`norm` with given per-group (mean, variance) [B, G] in place of x's own; nnx's arithmetic."""
-    mean, var = (jnp.repeat(s, norm.group_size, axis=1)[:, None, None, :] for s in stats)
-    x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
-    return ((x - mean) * (jax.lax.rsqrt(var + norm.epsilon) * scale) + bias).astype(x.dtype)
-
-
-def _core_moments(norm: nnx.GroupNorm, x, core):
+def _core_moments(groups: int, x, core):
     """(count, mean, sum of squared deviations) per example and group of x over the tile's core
     (`core`: 1 inside, 0 outside, at latent resolution), in float32 as GroupNorm computes them."""
     f = x.shape[1] // core.shape[0]
     inside = jnp.repeat(jnp.repeat(core, f, 0), f, 1)[None, :, :, None, None]
-    g = x.astype(jnp.float32).reshape(*x.shape[:3], norm.num_groups, -1)
+    g = x.astype(jnp.float32).reshape(*x.shape[:3], groups, -1)
     count = inside.sum() * g.shape[-1]
     mean = (g * inside).sum((1, 2, 4)) / count
     return count, mean, (inside * (g - mean[:, None, None, :, None]) ** 2).sum((1, 2, 4))
@@ -115,74 +108,36 @@ def _global_stats(moments) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), (m2 / n).astype(np.float32)
 
 
-def _num_stages(decoder) -> int:
-    return 2 * sum(len(block.resnets) for block in decoder.up_blocks) + 2
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _tile_segment(run, graphdef, groups, state, carry, stats, cond, mask, core):
+    """One decoder segment (`Decoder.segments`) on one tile, its GroupNorm given the whole image's
+    statistics; returns the new carry and the moments of its last array (the next norm's input) over
+    the tile's core. Jit keys on the segment's kind and structure, so like segments share a program."""
+    normalize = own_statistics if stats is None else lambda norm, x: group_norm_with(norm, x, *stats)
+    carry = run(nnx.merge(graphdef, state), carry, normalize, cond, mask)
+    return carry, _core_moments(groups, carry[-1] if isinstance(carry, tuple) else carry, core)
 
 
-def _blend_level(decoder, k: int) -> int | None:
-    """Which branch feature (0 = the deepest) stage k blends in at its end: stage 0 and the end of each
-    up block blend (see `Decoder.up`)."""
-    end = 0
-    for level, block in enumerate(decoder.up_blocks):
-        if k == end:
-            return level
-        end += 2 * len(block.resnets)
-    return len(decoder.up_blocks) if k == end else None
+@functools.partial(jax.jit, static_argnums=0)
+def _branch_features(graphdef, state, image, mask):
+    return nnx.merge(graphdef, state).branch_features(image, mask)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _tile_stage(graphdef, state, k, carry, stats, feature, image, mask, core):
-    """Stage k of the up levels on one tile. The stages are cut at the GroupNorms: each normalises
-    the carry's last array with the whole image's statistics (`stats`), runs to the next GroupNorm
-    and returns the new carry with that norm's input moments over the tile's core. The arithmetic
-    mirrors `Decoder.up` and `ResnetBlock`. Stage 0 runs the masked-image branch and also returns
-    its features below full resolution, to be passed back as `feature` where they are blended; the
-    full-resolution ones (one or two convs from the image) are computed again where needed."""
-    decoder = nnx.merge(graphdef, state).decoder
-    resnets = [(i, j, r) for i, block in enumerate(decoder.up_blocks) for j, r in enumerate(block.resnets)]
-
-    def blended(x):
-        if image is None:
-            return x
-        level = _blend_level(decoder, k)
-        f = feature if feature is not None else decoder.condition_encoder((1 - mask) * image)[::-1][level]
-        return blend(x, f, mask)
-
-    if k == 0:  # the mid block's output
-        features = [] if image is None else decoder.condition_encoder((1 - mask) * image)[::-1]
-        h = carry[0] if image is None else blend(carry[0], features[0], mask)
-        kept = {level: f for level, f in enumerate(features) if level and f.shape[1] < image.shape[1]}
-        return (h,), _core_moments(resnets[0][2].norm1, h, core), kept
-    if k == _num_stages(decoder) - 1:
-        return (decoder.conv_out(nnx.silu(_normalize(decoder.conv_norm_out, carry[0], stats))),), None, {}
-    i, j, resnet = resnets[(k - 1) // 2]
-    if k % 2:  # norm1 .. conv1; the shortcut is taken now, so the carry holds two arrays of one width
-        x = carry[0]
-        h = resnet.conv1(nnx.silu(_normalize(resnet.norm1, x, stats)))
-        residual = x if resnet.conv_shortcut is None else resnet.conv_shortcut(x)
-        return (residual, h), _core_moments(resnet.norm2, h, core), {}
-    residual, h = carry
-    x = residual + resnet.conv2(nnx.silu(_normalize(resnet.norm2, h, stats)))
-    block = decoder.up_blocks[i]
-    if j + 1 < len(block.resnets):
-        return (x,), _core_moments(block.resnets[j + 1].norm1, x, core), {}
-    for up in block.upsamplers:
-        x = up(x)
-    x = blended(x)
-    norm = decoder.conv_norm_out if i + 1 == len(decoder.up_blocks) else decoder.up_blocks[i + 1].resnets[0].norm1
-    return (x,), _core_moments(norm, x, core), {}
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, x):
+    return nnx.merge(graphdef, state)(x)
 
 
 def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64, overlap: int = 16,
                  progress: bool = False) -> np.ndarray:
     """`decode` with the up levels in overlapping latent tiles of `tile` x `tile`. The mid block (and
     its attention) runs on the whole latent first: it is small; the up levels hold nearly all the
-    memory. They run stage by stage (`_tile_stage`) over all tiles, the activations waiting on the
-    host, so that every GroupNorm normalises with the statistics of the whole image. Each output
-    pixel comes from the tile whose core (`core_bounds`) holds it, at least overlap/2 latent pixels
-    from that tile's border: the rest of the tile is context for the convolutions, which see zero
-    padding at the border. The result differs from an untiled decode only by what reaches the core
-    from there.
+    memory. They run segment by segment (`Decoder.segments`) over all tiles, the activations waiting
+    on the host, so that every GroupNorm normalises with the statistics of the whole image. Each
+    output pixel comes from the tile whose core (`core_bounds`) holds it, at least overlap/2 latent
+    pixels from that tile's border: the rest of the tile is context for the convolutions, which see
+    zero padding at the border. The result differs from an untiled decode only by what reaches the
+    core from there.
     """
     if overlap <= 0 or overlap * 2 > tile:
         raise ValueError(f"tile overlap must be in [1, tile/2]; got tile={tile}, overlap={overlap}")
@@ -192,8 +147,7 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
     if image is not None or mask is not None:
         image, mask = (np.asarray(a) for a in vae._check_condition(z, jnp.asarray(image, dtype),
                                                                    jnp.asarray(mask, dtype)))
-    graphdef, state = nnx.split(vae)
-    mid = np.asarray(_decode_mid(graphdef, state, z))
+    mid = np.asarray(_decode_mid(*nnx.split(vae), z))
     s = vae.downscale
     th, tw = min(tile, h), min(tile, w)
     ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
@@ -203,27 +157,38 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
     for y, x, (y0, y1), (x0, x1) in tiles:
         cores.append(np.zeros((th, tw), np.float32))
         cores[-1][y0 - y:y1 - y, x0 - x:x1 - x] = 1
-    carries = [(mid[:, y:y + th, x:x + tw],) for y, x, _, _ in tiles]
-    features = [{} for _ in tiles]  # branch features from stage 0, by level, until blended
-    stages = _num_stages(vae.decoder)
-    bar = _progress(stages * len(tiles), progress, "tile stages")
+    pixels = [np.s_[:, y * s:(y + th) * s, x * s:(x + tw) * s] for y, x, _, _ in tiles]
+    carries = [mid[:, y:y + th, x:x + tw] for y, x, _, _ in tiles]
+    kept = [{} for _ in tiles]  # each tile's branch features below full resolution, by level, until blended
+    decoder = nnx.split(vae.decoder)
+    segments = vae.decoder.segments()
+    bar = _progress(len(segments) * len(tiles), progress, "tile segments")
     stats = None
-    for k in range(stages):
-        level, moments = _blend_level(vae.decoder, k), []
-        for t, (y, x, _, _) in enumerate(tiles):
-            pixels = np.s_[:, y * s:(y + th) * s, x * s:(x + tw) * s]
-            cond = (None, None) if image is None else (image[pixels], mask[pixels])
-            carry, m, kept = _tile_stage(graphdef, state, k, carries[t], stats, features[t].pop(level, None), *cond,
-                                         cores[t])
-            # On the host between stages: device memory follows the tile.
-            carries[t] = tuple(np.asarray(a) for a in carry)
-            features[t].update((lvl, np.asarray(f)) for lvl, f in kept.items())
+    for segment in segments:
+        graphdef, state = nnx.split(segment.modules)
+        moments = []
+        for t in range(len(tiles)):
+            cond = tile_mask = None
+            if image is not None and segment.level is not None:
+                tile_image, tile_mask = image[pixels[t]], mask[pixels[t]]
+                if segment.level in kept[t]:
+                    cond = kept[t].pop(segment.level)
+                else:  # the first blend, or a full-resolution feature (recomputed: one or two convs)
+                    features = _branch_features(*decoder, tile_image, tile_mask)
+                    cond = features[segment.level]
+                    kept[t] |= {level: np.asarray(f) for level, f in enumerate(features)
+                                if level > segment.level and f.shape[1] < tile_image.shape[1]}
+            carry, m = _tile_segment(segment.run, graphdef, vae.config.norm_num_groups, state, carries[t], stats,
+                                     cond, tile_mask, cores[t])
+            carries[t] = jax.tree.map(np.asarray, carry)  # on the host between segments: device memory follows the tile
             moments.append(m)
             bar.update()
-        stats = _global_stats(moments) if k + 1 < stages else None
+        stats = _global_stats(moments)
     bar.close()
+    conv_out = nnx.split(vae.decoder.conv_out)
     out = np.zeros((b, h * s, w * s, vae.config.out_channels), np.float32)
-    for (y, x, (y0, y1), (x0, x1)), (tile_out,) in zip(tiles, carries):
+    for (y, x, (y0, y1), (x0, x1)), carry in zip(tiles, carries):
+        tile_out = np.asarray(_apply(*conv_out, carry))
         out[:, y0 * s:y1 * s, x0 * s:x1 * s] = tile_out[:, (y0 - y) * s:(y1 - y) * s, (x0 - x) * s:(x1 - x) * s]
     return out
 

@@ -11,16 +11,14 @@ import socket
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The programs are tiny: compile them fast rather than well.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+from tests.conftest import ROOT, xla_flags
+
 MESHES = {"1": (1, {}), "8x1": (8, {"data": 8, "fsdp": 1}), "4x2": (8, {"data": 4, "fsdp": 2}),
           "2x4": (8, {"data": 2, "fsdp": 4})}
 
 
 def env(devices: int, **extra) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}", **extra}
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices), **extra}
 
 
 def free_port() -> int:
@@ -45,30 +43,6 @@ def finish(proc: subprocess.Popen, log_path: str, timeout: float = 1800) -> str:
     text = open(log_path).read()
     assert proc.returncode == 0, f"{proc.args} failed ({proc.returncode}):\n{text[-4000:]}"
     return text
-
-
-def make_assets(root) -> dict[str, str]:
-    """Real photos and a random-weight LPIPS file (the real one needs a download)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from asymvq_jax.data import sample_photos_dir
-    from asymvq_jax.losses.lpips import expected_shapes
-    rng = np.random.default_rng(0)
-    lpips = {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
-                 np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
-    save_file(lpips, os.path.join(root, "lpips.safetensors"))
-    return {"photos": sample_photos_dir(os.path.join(root, "photos")),
-            "lpips": os.path.join(root, "lpips.safetensors")}
-
-
-def metrics(workdir: str) -> dict[int, dict]:
-    """Everything logged per step (train metrics and sample metrics are separate records)."""
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for record in map(json.loads, f):
-            merged.setdefault(record["step"], {}).update(record)
-    return merged
 
 
 def tiny(photos: str, lpips: str, **changes):

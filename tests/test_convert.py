@@ -295,12 +295,27 @@ def test_exported_vae_works_in_inpaint_pipeline(asym_dir, tmp_path):
         scheduler=diffusers.DDIMScheduler(steps_offset=1), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    image = torch.rand(1, 3, 64, 64)  # the pipeline takes [0, 1]
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))  # the pipeline takes [0, 1]
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., 16:48, 16:48] = 1
+    seen = {}
+
+    def keep_latents(pipe, step, t, tensors):  # the last step's latents are the ones the pipeline decodes
+        seen["latents"] = tensors["latents"].clone()
+        return tensors
+
     out = pipe(prompt="a cat", image=image, mask_image=mask, height=64, width=64, num_inference_steps=2,
-               guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+               guidance_scale=1.0, output_type="np", generator=torch.Generator().manual_seed(0),
+               callback_on_step_end=keep_latents).images
+    assert out.shape == (1, 64, 64, 3)
+
+    from asymvq_jax import inference
+    ours = from_pretrained(tmp_path / "vae")
+    nhwc = lambda t: t.numpy().transpose(0, 2, 3, 1)  # noqa: E731
+    z = nhwc(seen["latents"]) / ours.config.scaling_factor
+    ours = np.asarray(inference.decode(ours, z, nhwc(image) * 2 - 1, nhwc(mask)))
+    known = nhwc(mask)[0, ..., 0] == 0
+    np.testing.assert_allclose(out[0][known], np.clip(ours[0] / 2 + 0.5, 0, 1)[known], atol=2e-4, rtol=1e-3)
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -402,20 +417,23 @@ def test_failed_export_leaves_nothing(asym_dir, tmp_path, monkeypatch):
 
 # -- CLI -------------------------------------------------------------------------------------------
 
-def test_cli(asym_dir, asym_torch, tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
-    run = lambda *a: subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), *map(str, a)],  # noqa
-                                    capture_output=True, text=True, env=env)
-    h = run("export", "--help")
-    assert h.returncode == 0 and "diffusers" in h.stdout and "ldm" in h.stdout and "--allow-pickle" in h.stdout
-    r = run("import", asym_dir, tmp_path / "ours")
+def test_cli(asym_dir, asym_torch, tmp_path, capsys):
+    """One run as a command; the rest through main(argv) in this process."""
+    import convert_weights
+    r = subprocess.run([sys.executable, os.path.join(REPO, "convert_weights.py"), "import", str(asym_dir),
+                        str(tmp_path / "ours")], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr
-    r = run("export", tmp_path / "ours", tmp_path / "vae.safetensors", "--format", "ldm")
-    assert r.returncode == 0, r.stderr
+    with pytest.raises(SystemExit) as stopped:
+        convert_weights.main(["export", "--help"])
+    h = capsys.readouterr().out
+    assert stopped.value.code == 0 and "diffusers" in h and "ldm" in h and "--allow-pickle" in h
+    assert convert_weights.main(["export", str(tmp_path / "ours"), str(tmp_path / "vae.safetensors"),
+                                 "--format", "ldm"]) == 0
     _assert_same(load_file(tmp_path / "vae.safetensors"), independent_to_ldm(_numpy_sd(asym_torch), 4))
     torch.save(asym_torch.state_dict(), tmp_path / "x.bin")
-    r = run("export", tmp_path / "x.bin", tmp_path / "out", "--format", "diffusers")
-    assert r.returncode == 2 and "--allow-pickle" in r.stderr and not (tmp_path / "out").exists()
+    capsys.readouterr()
+    assert convert_weights.main(["export", str(tmp_path / "x.bin"), str(tmp_path / "out"), "--format", "diffusers"]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 # -- detection and other sources ---------------------------------------------------------------

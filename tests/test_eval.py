@@ -15,33 +15,29 @@ from safetensors.numpy import save_file
 
 import asymvq_jax
 from asymvq_jax import evaluate
-from asymvq_jax.data import sample_photos_dir
 from asymvq_jax.data.evalset import MASKS_DIR, draw_mask_set, load_masks
 from asymvq_jax.data.masks import example_rng, lama_mask
-from asymvq_jax.losses.lpips import LPIPS, expected_shapes
+from asymvq_jax.losses.lpips import LPIPS
 from asymvq_jax.train.loop import train
 from tests import tiny_config
+from tests.conftest import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, STEPS = 32, 8
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """Photos, 32x32 masks, a random-weight LPIPS file, a tiny decoder trained for a few steps with
-    eval during training, and a plain SD-shaped baseline."""
+def run(assets, tmp_path_factory):
+    """32x32 masks, a tiny decoder trained for a few steps with eval during training, and a plain
+    SD-shaped baseline."""
     root = tmp_path_factory.mktemp("eval")
-    rng = np.random.default_rng(0)
-    lpips = {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
-                 np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
-    save_file(lpips, str(root / "lpips.safetensors"))
     os.makedirs(root / "masks")
     for i in range(5):
         m = lama_mask(example_rng(1, i), SIZE, SIZE)[..., 0]
         Image.fromarray((m * 255).astype(np.uint8)).save(root / "masks" / f"{i}.png")
 
     c = tiny_config.get_config()
-    c.data.path, c.loss.lpips_weights = sample_photos_dir(root / "photos"), str(root / "lpips.safetensors")
+    c.data.path, c.loss.lpips_weights = assets["photos"], assets["lpips"]
     c.total_steps, c.eval_every, c.eval.num_images = STEPS, STEPS // 2, 8
     c.sample_every, c.checkpoint_every = STEPS, STEPS
     train(c, str(root / "workdir"))
@@ -49,7 +45,7 @@ def run(tmp_path_factory):
     sd = asymvq_jax.AutoencoderKL(asymvq_jax.preset("sd", **c.model.overrides), rngs=nnx.Rngs(0))
     asymvq_jax.save_pretrained(sd, str(root / "sd"), format="diffusers")
     return {"root": root, "photos": c.data.path, "masks": str(root / "masks"), "workdir": str(root / "workdir"),
-            "sd": str(root / "sd"), "lpips": str(root / "lpips.safetensors")}
+            "sd": str(root / "sd"), "lpips": assets["lpips"]}
 
 
 def eval_args(run, out, *extra):
@@ -97,8 +93,7 @@ def single(run):
 
 @pytest.mark.slow
 def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PYTHONPATH": ROOT,
-           "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), *eval_args(run, tmp_path / "out")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -10,11 +10,9 @@ covered here.
 import contextlib
 import importlib.util
 import io
-import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 
@@ -27,14 +25,13 @@ if importlib.util.find_spec("gcsfs") is None:
     pytest.skip("gs:// needs gcsfs (the gcs extra)", allow_module_level=True)
 
 from asymvq_jax import checkpoint, paths  # noqa: E402
-from asymvq_jax.data import sample_photos_dir  # noqa: E402
-from asymvq_jax.losses.lpips import expected_shapes  # noqa: E402
 from asymvq_jax.losses.lpips_weights import save as save_lpips  # noqa: E402
+from asymvq_jax.train.stages import run  # noqa: E402
 from tests import tiny_config  # noqa: E402
+from tests.conftest import logged, random_lpips  # noqa: E402
 
-pytestmark = pytest.mark.slow  # three tiny training runs in subprocesses
+pytestmark = pytest.mark.slow  # three tiny training runs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "gs://asymvq-test"
 
 
@@ -68,7 +65,7 @@ def emulator():
 
 
 @pytest.fixture(scope="module")
-def bucket(tmp_path_factory):
+def bucket(assets):
     """A bucket holding the run's inputs: photos, LPIPS weights and an SD-style VAE to start
     from, all written through the path layer."""
     with emulator() as url, pytest.MonkeyPatch.context() as env:
@@ -76,34 +73,22 @@ def bucket(tmp_path_factory):
         env.setenv("TENSORSTORE_GCS_HTTP_URL", url)
         from google.cloud import storage
         storage.Client().create_bucket(BUCKET[len("gs://"):])
-        _upload_inputs(tmp_path_factory.mktemp("inputs"))
+        _upload_inputs(assets["photos"])
         yield BUCKET
 
 
-def _upload_inputs(local):
+def _upload_inputs(photos):
     from flax import nnx
 
     from asymvq_jax import save_pretrained
     from asymvq_jax.models import AutoencoderKL
     from asymvq_jax.train.state import model_config
 
-    photos = sample_photos_dir(local / "photos")
     for name in sorted(os.listdir(photos))[:6]:
         paths.write_bytes(f"{BUCKET}/photos/{name}", open(os.path.join(photos, name), "rb").read())
-    rng = np.random.default_rng(0)
-    save_lpips({k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
-                    np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()},
-               f"{BUCKET}/lpips.safetensors", source="random")
+    save_lpips(random_lpips(), f"{BUCKET}/lpips.safetensors", source="random")
     sd = AutoencoderKL(model_config(tiny_config.get_config()).replace(asymmetric=False), rngs=nnx.Rngs(42))
     save_pretrained(sd, f"{BUCKET}/sd", format="diffusers")
-
-
-def logged(workdir) -> dict[int, dict]:
-    merged = {}
-    for line in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines():
-        record = json.loads(line)
-        merged.setdefault(record["step"], {}).update(record)
-    return merged
 
 
 def event_scalars(logdir) -> dict[str, dict[int, float]]:
@@ -123,17 +108,15 @@ def event_scalars(logdir) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def runs(bucket, tmp_path_factory):
-    """train.py with every path on gs:// stops at step 3 and is resumed to 6; the same run
-    uninterrupted into a local workdir. They share a compilation cache: only the first compiles."""
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_COMPILATION_CACHE_DIR": str(tmp_path_factory.mktemp("jax_cache"))}
+    """A run with every path on gs:// stops at step 3 and is resumed to 6; the same run
+    uninterrupted into a local workdir. In this process (train.py's own test runs it as a command):
+    the session's compilation cache compiles the step once for all three."""
 
     def train(workdir, steps):
-        cmd = [sys.executable, "train.py", f"--config={ROOT}/tests/tiny_config.py", f"--workdir={workdir}",
-               f"--config.total_steps={steps}", f"--config.init_from={bucket}/sd",
-               f"--config.data.path={bucket}/photos", f"--config.loss.lpips_weights={bucket}/lpips.safetensors"]
-        done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)  # patient: a loaded CI machine
-        assert done.returncode == 0, done.stderr[-3000:]
+        c = tiny_config.get_config()
+        c.total_steps, c.init_from = steps, f"{bucket}/sd"
+        c.data.path, c.loss.lpips_weights = f"{bucket}/photos", f"{bucket}/lpips.safetensors"
+        run(c, workdir)
 
     train(f"{bucket}/run", 3)
     assert checkpoint.manager(f"{bucket}/run").latest_step() == 3
@@ -150,7 +133,7 @@ def test_gs_run_resumes_with_the_uninterrupted_losses(runs):
     for step in range(1, 7):
         for term in ("loss", "nll", "d_loss", "known_mse"):
             assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])
-    assert not os.path.exists(os.path.join(ROOT, "gs:")), "a gs:// workdir was written as a local folder"
+    assert not os.path.exists("gs:"), "a gs:// workdir was written as a local folder"
 
 
 def test_gs_workdir_holds_checkpoints_samples_and_events(runs):

@@ -1,5 +1,6 @@
 """The inference module and decode.py: jit = eager, tiling, memory, files in and PNG out, bad input."""
 
+import collections
 import os
 import re
 import subprocess
@@ -179,6 +180,41 @@ def test_tiled_decode_matches_untiled_without_seams(vae, kind):
         assert abs(step - ref_step) < 0.02 * ref_step, (axis, step, ref_step)
 
 
+def lowered(fn) -> collections.Counter:
+    """Runs fn; counts the programs jax lowered meanwhile, by name (each one a compile, or at best a
+    persistent-cache lookup)."""
+    names = collections.Counter()
+
+    def listen(event, duration, fun_name=None, **_):
+        if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+            names[fun_name] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    return names
+
+
+def test_tiled_decode_compiles_once_per_segment_shape():
+    """Segments of one kind and shape share a program: with three ResNets per level (as in the presets),
+    26 segments take 16 programs. More tiles of the same size, or a second decode, compile nothing new
+    but the mid block (which runs on the whole latent)."""
+    vae = random_model(SMALL.replace(layers_per_up_block=2))
+    x, mask, z = inputs(192)
+    decoder = [f"jit({name})" for name in ("_tile_segment", "_branch_features", "_apply", "_decode_mid")]
+    first = lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=16, overlap=8))
+    print("tiled decode, 2x2 tiles:", dict(first))
+    assert len(vae.decoder.segments()) == 26
+    assert [first[name] for name in decoder] == [16, 1, 1, 1]
+    assert not any(lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=16, overlap=8))[n] for n in decoder)
+    x, mask, z = inputs(256)  # 3x3 tiles of the same size
+    assert {n: c for n, c in lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=16, overlap=8)).items()
+            if n in decoder} == {"jit(_decode_mid)": 1}
+
+
+@pytest.mark.slow  # a 2048 px decode in a fresh process
 def test_2048px_tiled_decode_peak_memory(tmp_path):
     """A mask-guided 2048x2048 decode in 512 px tiles, in a fresh process: peak RSS stays bounded."""
     script = textwrap.dedent(f"""

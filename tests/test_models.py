@@ -14,10 +14,6 @@ from flax import nnx
 from asymvq_jax.models import AutoencoderKL, VAEConfig, preset
 from asymvq_jax.models.condition import downsample_mask
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
-from tests.torch_reference import diffusers_vae, flax_from_torch, to_nchw, to_nhwc  # noqa: E402
-
 TOL = 1e-4
 SMALL_ASYM = VAEConfig(down_block_out_channels=(32, 32, 64, 64), layers_per_down_block=1,
                        up_block_out_channels=(32, 64, 64, 64), layers_per_up_block=1, norm_num_groups=8)
@@ -28,6 +24,16 @@ SMALL_SD = SMALL_ASYM.replace(asymmetric=False, up_block_out_channels=(32, 32, 6
 def highest_precision():
     with jax.default_matmul_precision("highest"):
         yield
+
+
+@pytest.fixture
+def ref():
+    """The torch reference (diffusers' models and layout helpers): parity tests skip without the torch
+    extra, the JAX-only tests here run."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    from tests import torch_reference
+    return torch_reference
 
 
 def inputs(batch, size, latent_channels=4, seed=0):
@@ -45,46 +51,48 @@ def assert_close(name, ours, ref, tol=TOL):
     assert err < tol, f"{name}: max abs err {err} >= {tol}"
 
 
-def check_parity(config, size, batch=2, masked=True):
-    ref = diffusers_vae(config)
-    ours = flax_from_torch(config, ref)
+def check_parity(ref, config, size, batch=2, masked=True):
+    import torch
+    theirs = ref.diffusers_vae(config)
+    ours = ref.flax_from_torch(config, theirs)
     x, mask, z = inputs(batch, size, config.latent_channels)
     with torch.no_grad():
-        post = ref.encode(to_nchw(x)).latent_dist
-        plain = ref.decode(to_nchw(z)).sample
+        post = theirs.encode(ref.to_nchw(x)).latent_dist
+        plain = theirs.decode(ref.to_nchw(z)).sample
         if masked:
-            guided = ref.decode(to_nchw(z), image=to_nchw(x), mask=to_nchw(mask)).sample
+            guided = theirs.decode(ref.to_nchw(z), image=ref.to_nchw(x), mask=ref.to_nchw(mask)).sample
     ours_post = ours.encode(jnp.asarray(x))
-    assert_close("encoder mean", ours_post.mean, to_nhwc(post.mean))
-    assert_close("encoder logvar", ours_post.logvar, to_nhwc(post.logvar))
-    assert_close("plain decode", ours.decode(jnp.asarray(z)), to_nhwc(plain))
+    assert_close("encoder mean", ours_post.mean, ref.to_nhwc(post.mean))
+    assert_close("encoder logvar", ours_post.logvar, ref.to_nhwc(post.logvar))
+    assert_close("plain decode", ours.decode(jnp.asarray(z)), ref.to_nhwc(plain))
     if masked:
         assert_close("masked decode", ours.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask)),
-                     to_nhwc(guided))
+                     ref.to_nhwc(guided))
 
 
-def test_small_asymmetric_parity():
-    check_parity(SMALL_ASYM, 64)
+def test_small_asymmetric_parity(ref):
+    check_parity(ref, SMALL_ASYM, 64)
 
 
-def test_small_plain_parity():
-    check_parity(SMALL_SD, 32, masked=False)
+def test_small_plain_parity(ref):
+    check_parity(ref, SMALL_SD, 32, masked=False)
 
 
-def test_sixteen_latent_channels_parity():
-    check_parity(SMALL_ASYM.replace(latent_channels=16), 32)
+def test_sixteen_latent_channels_parity(ref):
+    check_parity(ref, SMALL_ASYM.replace(latent_channels=16), 32)
 
 
-def test_batch_one_condition_broadcasts_to_latent_batch():
-    ref = diffusers_vae(SMALL_ASYM)
-    ours = flax_from_torch(SMALL_ASYM, ref)
+def test_batch_one_condition_broadcasts_to_latent_batch(ref):
+    import torch
+    theirs = ref.diffusers_vae(SMALL_ASYM)
+    ours = ref.flax_from_torch(SMALL_ASYM, theirs)
     x, mask, z = inputs(3, 32)
     x, mask = x[:1], mask[:1]
     with torch.no_grad():  # diffusers needs the repeated batch (a batch-1 image raises KeyError there)
-        expected = ref.decode(to_nchw(z), image=to_nchw(np.repeat(x, 3, 0)),
-                              mask=to_nchw(np.repeat(mask, 3, 0))).sample
+        expected = theirs.decode(ref.to_nchw(z), image=ref.to_nchw(np.repeat(x, 3, 0)),
+                                 mask=ref.to_nchw(np.repeat(mask, 3, 0))).sample
     assert_close("broadcast decode", ours.decode(jnp.asarray(z), jnp.asarray(x), jnp.asarray(mask)),
-                 to_nhwc(expected))
+                 ref.to_nhwc(expected))
 
 
 def test_all_ones_mask_is_plain_decoding():
@@ -112,11 +120,12 @@ def test_plain_decoder_rejects_condition():
         ours.decode(jnp.zeros((1, 4, 4, 4)), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1, 32, 32, 1)))
 
 
-def test_mask_downsampling_matches_torch_nearest():
+def test_mask_downsampling_matches_torch_nearest(ref):
+    import torch
     mask = (np.random.default_rng(0).uniform(size=(2, 64, 64, 1)) > 0.5).astype(np.float32)
     for size in (32, 16, 8):
-        ref = torch.nn.functional.interpolate(to_nchw(mask), size=(size, size), mode="nearest")
-        np.testing.assert_array_equal(downsample_mask(mask, size), to_nhwc(ref))
+        theirs = torch.nn.functional.interpolate(ref.to_nchw(mask), size=(size, size), mode="nearest")
+        np.testing.assert_array_equal(downsample_mask(mask, size), ref.to_nhwc(theirs))
 
 
 def millions(module) -> float:
@@ -136,8 +145,8 @@ def test_parameter_counts_match_paper(name, main, branch):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["sd", "asym-x1.5", "asym-x2"])
-def test_full_preset_parity(name):
-    check_parity(preset(name), 16, batch=1, masked=name != "sd")
+def test_full_preset_parity(ref, name):
+    check_parity(ref, preset(name), 16, batch=1, masked=name != "sd")
 
 
 def test_remat_keeps_values_and_gradients():

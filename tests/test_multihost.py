@@ -13,35 +13,29 @@ import pytest
 from asymvq_jax import checkpoint
 from asymvq_jax.data import batch_for_step
 from tests import multidevice
+from tests.conftest import logged
 
 pytestmark = [pytest.mark.slow, pytest.mark.pod]
 TINY = os.path.join(multidevice.ROOT, "tests", "tiny_config.py")
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return multidevice.make_assets(str(tmp_path_factory.mktemp("assets")))
+# The session's compilation cache, through the config option (it shares programs between processes).
+CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The compilation_cache_dir option, shared by processes that compile the same programs."""
-    return str(tmp_path_factory.mktemp("jax_cache"))
-
-
-def flags(assets, workdir, cache, steps):
+def flags(assets, workdir, steps, disc_start):
     return [f"--config={TINY}", f"--workdir={workdir}", f"--config.data.path={assets['photos']}",
             f"--config.loss.lpips_weights={assets['lpips']}", "--config.batch_size=8",
             "--config.mesh.fsdp=2", "--config.mesh.fsdp_min_size=256", f"--config.total_steps={steps}",
-            f"--config.compilation_cache_dir={cache}"]
+            f"--config.loss.disc_start={disc_start}", f"--config.compilation_cache_dir={CACHE}"]
 
 
-def start_pair(assets, workdir, cache, steps):
+def start_pair(assets, workdir, steps, disc_start=4):
     os.makedirs(workdir, exist_ok=True)
     port = multidevice.free_port()
     procs = []
     for i in range(2):
-        args = ["-m", "tests.multidevice", "host", workdir, *flags(assets, workdir, cache, steps),
+        args = ["-m", "tests.multidevice", "host", workdir, *flags(assets, workdir, steps, disc_start),
                 f"--config.distributed.coordinator_address=127.0.0.1:{port}",
                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
                 "--config.distributed.cpu_collectives=gloo",
@@ -57,12 +51,13 @@ def records(workdir):
 
 
 @pytest.fixture(scope="module")
-def together(assets, cache, tmp_path_factory):
-    """Three steps on two processes, and the same on one process with all four devices (run alongside)."""
+def together(assets, tmp_path_factory):
+    """Three steps on two processes, and the same on one process with all four devices (run alongside).
+    The discriminator starts after the first step, so steps 2 and 3 train both players."""
     root = tmp_path_factory.mktemp("multihost")
-    pair = start_pair(assets, str(root / "pair"), cache, 3)
+    pair = start_pair(assets, str(root / "pair"), 3, disc_start=1)
     single_log = str(root / "single.log")
-    single = multidevice.start(["train.py", *flags(assets, str(root / "single"), cache, 3)], 4, single_log)
+    single = multidevice.start(["train.py", *flags(assets, str(root / "single"), 3, disc_start=1)], 4, single_log)
     for proc, log in pair:
         multidevice.finish(proc, log)
     multidevice.finish(single, single_log)
@@ -71,14 +66,16 @@ def together(assets, cache, tmp_path_factory):
 
 def test_two_processes_agree_with_one(together):
     pair, single = together
-    got, want = multidevice.metrics(pair), multidevice.metrics(single)
+    got, want = logged(pair), logged(single)
     assert sorted(got) == sorted(want) == [1, 2, 3]
+    # Logged step s is the update at global step s - 1: with disc_start=1 the GAN is on from step 2.
+    assert got[1]["d_loss"] == 0 and all(got[s]["d_loss"] > 0 and got[s]["disc_factor"] == 1 for s in (2, 3))
     for step in (1, 2, 3):
         # Step 1 agrees to float rounding. After it, the attention key bias (an exactly zero
         # gradient) has taken a +-lr Adam step on the sign of its rounding noise, which differs
         # with the summation order and moves later losses by up to ~1e-4 relative (seen).
         rel = 1e-6 if step == 1 else 1e-3
-        for term in ("loss", "nll", "d_loss", "known_mse"):
+        for term in ("loss", "nll", "d_loss", "g_loss", "d_weight", "known_mse"):
             assert got[step][term] == pytest.approx(want[step][term], rel=rel, abs=1e-7), (step, term)
     assert "2 hosts" in open(os.path.join(pair, "log_0.txt")).read()
 
@@ -105,9 +102,9 @@ def test_only_process_0_reports(together):
     assert "step 1:" not in open(os.path.join(pair, "log_1.txt")).read()
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step(assets, cache, tmp_path):
+def test_sigterm_to_one_process_stops_both_at_the_same_step(assets, tmp_path):
     workdir = str(tmp_path / "killed")
-    pair = start_pair(assets, workdir, cache, 10_000)
+    pair = start_pair(assets, workdir, 10_000)
     metrics = os.path.join(workdir, "metrics.jsonl")
     deadline = time.time() + 1200
     while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 2):

@@ -12,14 +12,10 @@ import pytest
 
 from asymvq_jax import checkpoint
 from tests import multidevice
+from tests.conftest import logged
 
 pytestmark = pytest.mark.slow
 LR = 1e-3  # tiny_config's constant learning rate
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return multidevice.make_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 @pytest.fixture(scope="module")
@@ -86,14 +82,14 @@ def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
     workdir, log = runlocal
     assert "mesh data=4 x fsdp=2" in log
     assert checkpoint.manager(workdir).latest_step() == 3
-    assert sorted(multidevice.metrics(workdir)) == [1, 2, 3]
+    assert sorted(logged(workdir)) == [1, 2, 3]
     checkpoint.load_model(workdir)
 
 
 @pytest.mark.pod
 def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
     source, _ = runlocal
-    want = multidevice.metrics(source)[2]
+    want = logged(source)[2]
     runs = {}
     for devices, fsdp in ((2, 1), (4, 2)):
         workdir = str(tmp_path / f"on{devices}")
@@ -108,7 +104,7 @@ def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
     for devices, (workdir, log, proc) in runs.items():
         text = multidevice.finish(proc, log)
         assert "resumed" in text and f"fsdp={2 if devices == 4 else 1}" in text
-        got = multidevice.metrics(workdir)
+        got = logged(workdir)
         assert sorted(got) == [2]
         for term in ("loss", "nll", "known_mse"):
             # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes

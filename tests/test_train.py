@@ -1,6 +1,5 @@
 """Training end to end on a tiny decoder: learning, frozen encoder, GAN schedule, resume, SIGTERM."""
 
-import json
 import os
 import signal
 import subprocess
@@ -11,28 +10,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from asymvq_jax import checkpoint
-from asymvq_jax.data import batch_for_step, sample_photos_dir
-from asymvq_jax.losses.lpips import expected_shapes
+from asymvq_jax.data import batch_for_step
 from asymvq_jax.train.loop import NonFiniteLossError, train
 from asymvq_jax.train.state import build
 from tests import tiny_config
+from tests.conftest import logged
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """Real photos and a random-weight LPIPS file (the real one needs a download)."""
-    root = tmp_path_factory.mktemp("assets")
-    rng = np.random.default_rng(0)
-    lpips = {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
-                 np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
-    save_file(lpips, str(root / "lpips.safetensors"))
-    return {"photos": sample_photos_dir(root / "photos"), "lpips": str(root / "lpips.safetensors")}
 
 
 def config(assets, **changes):
@@ -47,15 +34,6 @@ def config(assets, **changes):
     return c
 
 
-def losses(workdir) -> dict[int, dict]:
-    """Everything logged per step (train metrics and sample metrics are separate records)."""
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for record in map(json.loads, f):
-            merged.setdefault(record["step"], {}).update(record)
-    return merged
-
-
 @pytest.fixture(scope="module")
 def uninterrupted(assets, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("uninterrupted"))
@@ -63,6 +41,7 @@ def uninterrupted(assets, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_reconstruction_error_falls(assets, uninterrupted):
     """Per-step losses swing with the batch; a fixed batch of 8 shows the trend."""
     c = config(assets, batch_size=8)
@@ -78,8 +57,9 @@ def test_reconstruction_error_falls(assets, uninterrupted):
     assert guided_6 < 0.9 * guided_1 and plain_6 < 0.9 * plain_1, (guided_1, guided_6, plain_1, plain_6)
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_gan_switches_on_at_disc_start(uninterrupted):
-    m = losses(uninterrupted)
+    m = logged(uninterrupted)
     assert sorted(m) == [1, 2, 3, 4, 5, 6]
     # Logged step s is the update made at global step s - 1 (0-based, as Lightning counts):
     # with disc_start=4 the GAN terms are off for logged steps 1-4 and on from 5.
@@ -89,6 +69,7 @@ def test_gan_switches_on_at_disc_start(uninterrupted):
         assert m[step]["disc_factor"] == 1 and m[step]["d_loss"] > 0 and m[step]["d_weight"] > 0
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_encoder_is_bit_identical_after_training(assets, uninterrupted):
     _, _, consts, _, _ = build(config(assets))
     trained = checkpoint.load_model(uninterrupted, step=6)
@@ -106,13 +87,15 @@ def _pure(module):
     return nnx.to_pure_dict(nnx.state(module, nnx.Param))
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_samples_and_event_files_are_written(uninterrupted):
     assert os.path.exists(os.path.join(uninterrupted, "samples", "step_0000003.png"))
     assert any(f.startswith("events.") for f in os.listdir(os.path.join(uninterrupted, "tensorboard")))
-    logged = losses(uninterrupted)[3]
-    assert np.isfinite(logged["samples/known_mse_plain"]) and np.isfinite(logged["samples/known_mse_guided"])
+    record = logged(uninterrupted)[3]
+    assert np.isfinite(record["samples/known_mse_plain"]) and np.isfinite(record["samples/known_mse_guided"])
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(assets, uninterrupted, tmp_path):
     workdir = str(tmp_path / "killed")
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={workdir}",
@@ -132,12 +115,13 @@ def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(assets, unint
     assert 2 <= stopped < 6, f"stopped at {stopped}"
 
     train(config(assets), workdir)  # resumes at `stopped`, runs to step 6
-    want, got = losses(uninterrupted), losses(workdir)
+    want, got = logged(uninterrupted), logged(workdir)
     for step in range(stopped + 1, 7):
         for term in ("loss", "nll", "d_loss", "known_mse"):
             assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, uninterrupted, tmp_path):
     workdir = str(tmp_path / "nan")
     train(config(assets, total_steps=2), workdir)
@@ -179,6 +163,7 @@ def _damage(workdir):
     os.remove(os.path.join(workdir, "checkpoints", "4", "default", "_METADATA"))
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_damaged_checkpoints_are_skipped_named_and_kept(assets, uninterrupted, tmp_path, caplog):
     import shutil
 
@@ -209,6 +194,7 @@ def test_damaged_checkpoints_are_skipped_named_and_kept(assets, uninterrupted, t
     assert trained == [1, 2, 3, 4, 5, 6]  # the resumed steps once each
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_export_or_import_into_a_workdir_is_refused(uninterrupted, tmp_path, capsys):
     pytest.importorskip("diffusers")
     import convert_weights
@@ -228,6 +214,7 @@ def test_export_or_import_into_a_workdir_is_refused(uninterrupted, tmp_path, cap
     assert tree_hashes(os.path.dirname(uninterrupted)) == before
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_export_of_a_workdir_loads_in_diffusers(uninterrupted, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     import convert_weights
@@ -243,6 +230,7 @@ def test_export_of_a_workdir_loads_in_diffusers(uninterrupted, tmp_path):
     np.testing.assert_array_equal(ema.encoder.conv_in.kernel[...], raw.encoder.conv_in.kernel[...])
 
 
+@pytest.mark.slow  # trains, or compiles a train step
 def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp_path):
     """The base recipe: decoder from an SD VAE at 0.1x lr, the new branch at 1x."""
     from flax import nnx

@@ -28,6 +28,17 @@ class Dtypes:
         return nnx.Linear(cin, cout, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
 
+def own_statistics(norm: nnx.GroupNorm, x):
+    return norm(x)
+
+
+def group_norm_with(norm: nnx.GroupNorm, x, mean, var):
+    """`norm` with given per-group mean and variance [B, G] in place of x's own; nnx's arithmetic."""
+    mean, var = (jnp.repeat(s, norm.group_size, axis=1)[:, None, None, :] for s in (mean, var))
+    x, scale, bias = norm.promote_dtype((x, norm.scale[...], norm.bias[...]), dtype=norm.dtype)
+    return ((x - mean) * (jax.lax.rsqrt(var + norm.epsilon) * scale) + bias).astype(x.dtype)
+
+
 class ResnetBlock(nnx.Module):
     """GN-SiLU-conv3x3-GN-SiLU-conv3x3 with a 1x1 shortcut when the width changes."""
 
@@ -38,12 +49,19 @@ class ResnetBlock(nnx.Module):
         self.conv2 = dt.conv(cout, cout, 3, rngs)
         self.conv_shortcut = dt.conv(cin, cout, 1, rngs) if cin != cout else None
 
-    def __call__(self, x):
-        h = self.conv1(nnx.silu(self.norm1(x)))
-        h = self.conv2(nnx.silu(self.norm2(h)))
-        if self.conv_shortcut is not None:
-            x = self.conv_shortcut(x)
-        return x + h
+    def __call__(self, x, normalize=own_statistics):
+        return self.second_half(self.first_half(x, normalize), normalize)
+
+    # The halves start at the GroupNorms, where a tiled decode puts in the whole image's statistics
+    # (`normalize`); see `Decoder.segments`.
+    def first_half(self, x, normalize=own_statistics):
+        """norm1 .. conv1, and the shortcut: (residual, norm2's input)."""
+        residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        return residual, self.conv1(nnx.silu(normalize(self.norm1, x)))
+
+    def second_half(self, carry, normalize=own_statistics):
+        residual, h = carry
+        return residual + self.conv2(nnx.silu(normalize(self.norm2, h)))
 
 
 ATTENTION_CHUNK = 1024  # queries per step: a 2048 px image (256x256 latent) holds 1024 x 65536 logits
@@ -169,14 +187,9 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
+    """ResNets, then x2 upsampling; the decoder runs them in segments (`Decoder.segments`)."""
+
     def __init__(self, cin, cout, layers, groups, add_upsample, dt: Dtypes, rngs):
         self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, dt, rngs)
                                  for i in range(layers)])
         self.upsamplers = nnx.List([Upsample(cout, dt, rngs)] if add_upsample else [])
-
-    def __call__(self, x, remat=False):
-        for resnet in self.resnets:
-            x = call_block(resnet, x, remat)
-        for up in self.upsamplers:
-            x = up(x)
-        return x

@@ -1,8 +1,11 @@
 """The SD decoder, optionally with the asymmetric masked-image branch."""
 
+import dataclasses
+from typing import Callable
+
 from flax import nnx
 
-from asymvq_jax.models.blocks import Dtypes, MidBlock, UpBlock
+from asymvq_jax.models.blocks import Dtypes, MidBlock, UpBlock, own_statistics, remat_policy
 from asymvq_jax.models.condition import MaskConditionEncoder, blend
 from asymvq_jax.models.config import VAEConfig
 
@@ -33,18 +36,73 @@ class Decoder(nnx.Module):
         """conv_in and the mid block, at latent resolution (the one global attention)."""
         return self.mid_block(self.conv_in(z), self.remat)
 
+    def branch_features(self, image, mask):
+        """The masked image's branch features, from H/8 up to H: level k is blended in by the segment
+        whose `level` is k."""
+        return self.condition_encoder((1 - mask) * image)[::-1]
+
     def up(self, h, image=None, mask=None):
         """The up levels from the mid block's output, with the blends, then the output norm and SiLU."""
-        if image is None:
-            for block in self.up_blocks:
-                h = block(h, self.remat)
-        else:
-            # Branch features from H/8 up to H; the first blends after the mid block.
-            conds = self.condition_encoder((1 - mask) * image)[::-1]
-            for block, cond in zip(self.up_blocks, conds):
-                h = block(blend(h, cond, mask), self.remat)
-            h = blend(h, conds[-1], mask)
-        return nnx.silu(self.conv_norm_out(h))
+        conds = None if image is None else self.branch_features(image, mask)
+        for segment in self.segments():
+            h = segment(h, conds, mask, remat=self.remat)
+        return h
+
+    def segments(self) -> list["Segment"]:
+        """The up path cut at its GroupNorms. Each segment but the first starts at a GroupNorm and runs
+        to the next one's input, so a tiled decode (`inference.decode_tiled`) can give every norm the
+        whole image's statistics between segments. The branch features blend in after the mid block
+        and at the end of each up level."""
+        segments = [Segment(_blend_mid, (), level=0)]
+        for i, block in enumerate(self.up_blocks):
+            for j, resnet in enumerate(block.resnets):
+                last = j + 1 == len(block.resnets)
+                segments.append(Segment(_first_half, (resnet,)))
+                segments.append(Segment(_second_half, (resnet, block.upsamplers if last else ()),
+                                        level=i + 1 if last else None))
+        return segments + [Segment(_norm_out, (self.conv_norm_out,))]
 
     def __call__(self, z, image=None, mask=None):
         return self.conv_out(self.features(z, image, mask))
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """`run(modules, carry, normalize, cond, mask)`: a module-level function, one per kind of segment.
+    A segment's program is thus named by its kind and its modules' structure, not by its place:
+    jit compiles the ResNet halves of one width and resolution once. The carry is an array or a tuple
+    whose last array is the next GroupNorm's input; `cond` is the branch feature at `level` (None on a
+    plain decode, or where the segment blends nothing)."""
+    run: Callable
+    modules: tuple
+    level: int | None = None
+
+    def __call__(self, carry, conds=None, mask=None, normalize=own_statistics, remat: bool | str = False):
+        cond = None if conds is None or self.level is None else conds[self.level]
+        if not remat:
+            return self.run(self.modules, carry, normalize, cond, mask)
+        return nnx.remat(lambda modules, c: self.run(modules, c, normalize, cond, mask),
+                         policy=remat_policy(remat))(self.modules, carry)
+
+
+def _blend_mid(modules, h, normalize, cond, mask):
+    return h if cond is None else blend(h, cond, mask)
+
+
+def _first_half(modules, x, normalize, cond, mask):
+    (resnet,) = modules
+    return resnet.first_half(x, normalize)
+
+
+def _second_half(modules, carry, normalize, cond, mask):
+    """The ResNet's second half; at the end of an up level, its upsampling and blend too."""
+    resnet, upsamplers = modules
+    x = resnet.second_half(carry, normalize)
+    for up in upsamplers:
+        x = up(x)
+    return x if cond is None else blend(x, cond, mask)
+
+
+def _norm_out(modules, h, normalize, cond, mask):
+    (norm,) = modules
+    return nnx.silu(normalize(norm, h))

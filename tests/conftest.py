@@ -1,0 +1,58 @@
+"""What every test shares: one compilation cache for the whole session, and the assets runs read.
+
+Most of the suite's time is XLA compiling small programs, many of them the same program in another
+process (xdist workers, train.py and eval.py subprocesses) or in another `jax.jit` of one process.
+The environment is set here, before anything imports jax, so every subprocess inherits it.
+"""
+
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The programs are tiny: compile them fast rather than well.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(ROOT, ".pytest_cache", "jax_compilation_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+def xla_flags(devices: int) -> str:
+    """This session's XLA flags with `devices` simulated CPU devices (fixed when a process starts jax)."""
+    kept = [f for f in os.environ["XLA_FLAGS"].split() if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join([f"--xla_force_host_platform_device_count={devices}", *kept])
+
+
+def random_lpips() -> dict[str, np.ndarray]:
+    """LPIPS weights of the right shapes (the real ones need a download): He-scaled kernels, positive heads."""
+    from asymvq_jax.losses.lpips import expected_shapes
+    rng = np.random.default_rng(0)
+    return {k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1])) if len(s) == 4 else
+                np.abs(rng.normal(size=s)) * 0.1).astype(np.float32) for k, s in expected_shapes().items()}
+
+
+def logged(workdir) -> dict[int, dict]:
+    """Everything a run logged, per step (train metrics and sample metrics are separate records)."""
+    from asymvq_jax import paths
+    merged = {}
+    for line in paths.read_text(paths.join(workdir, "metrics.jsonl")).splitlines():
+        record = json.loads(line)
+        merged.setdefault(record["step"], {}).update(record)
+    return merged
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> dict[str, str]:
+    """The bundled training photos and a random-weight LPIPS file, written once per session."""
+    from safetensors.numpy import save_file
+
+    from asymvq_jax.data import sample_photos_dir
+    root = tmp_path_factory.mktemp("assets")
+    save_file(random_lpips(), str(root / "lpips.safetensors"))
+    return {"photos": sample_photos_dir(root / "photos"), "lpips": str(root / "lpips.safetensors")}
