@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from asymvq_jax.models.blocks import Dtypes
+from asymvq_jax.models.blocks import LayerFactory
 from asymvq_jax.models.config import VAEConfig
 from asymvq_jax.models.decoder import Decoder
 from asymvq_jax.models.encoder import Encoder
@@ -42,12 +42,12 @@ class AutoencoderKL(nnx.Module):
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
                  remat: bool | str = False):
-        dt = Dtypes(dtype, param_dtype)
+        make = LayerFactory(dtype, param_dtype)
         self.config = config
-        self.encoder = Encoder(config, dt, rngs, remat)
-        self.quant_conv = dt.conv(2 * config.latent_channels, 2 * config.latent_channels, 1, rngs)
-        self.post_quant_conv = dt.conv(config.latent_channels, config.latent_channels, 1, rngs)
-        self.decoder = Decoder(config, dt, rngs, remat)
+        self.encoder = Encoder(config, make, rngs, remat)
+        self.quant_conv = make.conv(2 * config.latent_channels, 2 * config.latent_channels, 1, rngs)
+        self.post_quant_conv = make.conv(config.latent_channels, config.latent_channels, 1, rngs)
+        self.decoder = Decoder(config, make, rngs, remat)
 
     @property
     def downscale(self) -> int:

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-class Dtypes:
-    """Compute and storage dtypes, passed to every layer."""
+class LayerFactory:
+    """Makes the layers (conv, GroupNorm, linear), all with one compute and one storage dtype."""
 
     def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32):
         self.dtype = dtype
@@ -42,12 +42,12 @@ def group_norm_with(norm: nnx.GroupNorm, x, mean, var):
 class ResnetBlock(nnx.Module):
     """GN-SiLU-conv3x3-GN-SiLU-conv3x3 with a 1x1 shortcut when the width changes."""
 
-    def __init__(self, cin, cout, groups, dt: Dtypes, rngs):
-        self.norm1 = dt.group_norm(cin, groups, rngs)
-        self.conv1 = dt.conv(cin, cout, 3, rngs)
-        self.norm2 = dt.group_norm(cout, groups, rngs)
-        self.conv2 = dt.conv(cout, cout, 3, rngs)
-        self.conv_shortcut = dt.conv(cin, cout, 1, rngs) if cin != cout else None
+    def __init__(self, cin, cout, groups, make: LayerFactory, rngs):
+        self.norm1 = make.group_norm(cin, groups, rngs)
+        self.conv1 = make.conv(cin, cout, 3, rngs)
+        self.norm2 = make.group_norm(cout, groups, rngs)
+        self.conv2 = make.conv(cout, cout, 3, rngs)
+        self.conv_shortcut = make.conv(cin, cout, 1, rngs) if cin != cout else None
 
     def __call__(self, x, normalize=own_statistics):
         return self.second_half(self.first_half(x, normalize), normalize)
@@ -70,12 +70,12 @@ ATTENTION_CHUNK = 1024  # queries per step: a 2048 px image (256x256 latent) hol
 class Attention(nnx.Module):
     """Single-head self-attention over all pixels, with a residual connection."""
 
-    def __init__(self, channels, groups, dt: Dtypes, rngs):
-        self.group_norm = dt.group_norm(channels, groups, rngs)
-        self.to_q = dt.linear(channels, channels, rngs)
-        self.to_k = dt.linear(channels, channels, rngs)
-        self.to_v = dt.linear(channels, channels, rngs)
-        self.to_out = nnx.List([dt.linear(channels, channels, rngs)])
+    def __init__(self, channels, groups, make: LayerFactory, rngs):
+        self.group_norm = make.group_norm(channels, groups, rngs)
+        self.to_q = make.linear(channels, channels, rngs)
+        self.to_k = make.linear(channels, channels, rngs)
+        self.to_v = make.linear(channels, channels, rngs)
+        self.to_out = nnx.List([make.linear(channels, channels, rngs)])
 
     def __call__(self, x):
         b, h, w, c = x.shape
@@ -105,8 +105,8 @@ def attend(q, k, v, chunk: int = 1024):
 class Downsample(nnx.Module):
     """Pad right/bottom by one, then a 3x3 stride-2 conv without padding."""
 
-    def __init__(self, channels, dt: Dtypes, rngs):
-        self.conv = dt.conv(channels, channels, 3, rngs, stride=2, padding=0)
+    def __init__(self, channels, make: LayerFactory, rngs):
+        self.conv = make.conv(channels, channels, 3, rngs, stride=2, padding=0)
 
     def __call__(self, x):
         return self.conv(jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0))))
@@ -116,8 +116,8 @@ class Upsample(nnx.Module):
     """Nearest x2, then a 3x3 conv; computed as four 2x2 convs on the small input, one per output
     phase (the taps that land on the same input pixel summed): 4/9 of the multiplies."""
 
-    def __init__(self, channels, dt: Dtypes, rngs):
-        self.conv = dt.conv(channels, channels, 3, rngs)
+    def __init__(self, channels, make: LayerFactory, rngs):
+        self.conv = make.conv(channels, channels, 3, rngs)
 
     def __call__(self, x):
         n, h, w, _ = x.shape
@@ -162,9 +162,9 @@ def call_block(block, x, remat: bool | str):
 class MidBlock(nnx.Module):
     """ResNet, attention, ResNet at the lowest resolution."""
 
-    def __init__(self, channels, groups, dt: Dtypes, rngs):
-        self.resnets = nnx.List([ResnetBlock(channels, channels, groups, dt, rngs) for _ in range(2)])
-        self.attentions = nnx.List([Attention(channels, groups, dt, rngs)])
+    def __init__(self, channels, groups, make: LayerFactory, rngs):
+        self.resnets = nnx.List([ResnetBlock(channels, channels, groups, make, rngs) for _ in range(2)])
+        self.attentions = nnx.List([Attention(channels, groups, make, rngs)])
 
     def __call__(self, x, remat=False):
         x = call_block(self.resnets[0], x, remat)
@@ -173,10 +173,10 @@ class MidBlock(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-    def __init__(self, cin, cout, layers, groups, add_downsample, dt: Dtypes, rngs):
-        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, dt, rngs)
+    def __init__(self, cin, cout, layers, groups, add_downsample, make: LayerFactory, rngs):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, make, rngs)
                                  for i in range(layers)])
-        self.downsamplers = nnx.List([Downsample(cout, dt, rngs)] if add_downsample else [])
+        self.downsamplers = nnx.List([Downsample(cout, make, rngs)] if add_downsample else [])
 
     def __call__(self, x, remat=False):
         for resnet in self.resnets:
@@ -189,7 +189,7 @@ class DownBlock(nnx.Module):
 class UpBlock(nnx.Module):
     """ResNets, then x2 upsampling; the decoder runs them in segments (`Decoder.segments`)."""
 
-    def __init__(self, cin, cout, layers, groups, add_upsample, dt: Dtypes, rngs):
-        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, dt, rngs)
+    def __init__(self, cin, cout, layers, groups, add_upsample, make: LayerFactory, rngs):
+        self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, make, rngs)
                                  for i in range(layers)])
-        self.upsamplers = nnx.List([Upsample(cout, dt, rngs)] if add_upsample else [])
+        self.upsamplers = nnx.List([Upsample(cout, make, rngs)] if add_upsample else [])

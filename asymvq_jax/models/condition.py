@@ -7,7 +7,7 @@ with the branch feature of the same size, so the decoder only has to generate th
 
 from flax import nnx
 
-from asymvq_jax.models.blocks import Dtypes
+from asymvq_jax.models.blocks import LayerFactory
 
 
 def branch_widths(first: int, last: int) -> list[int]:
@@ -18,11 +18,11 @@ def branch_widths(first: int, last: int) -> list[int]:
 class MaskConditionEncoder(nnx.Module):
     """Two 3x3 stride-1 convs, then three 4x4 stride-2 convs, ReLU between them."""
 
-    def __init__(self, in_channels: int, first: int, last: int, dt: Dtypes, rngs: nnx.Rngs):
+    def __init__(self, in_channels: int, first: int, last: int, make: LayerFactory, rngs: nnx.Rngs):
         widths = branch_widths(first, last)
         ins = [in_channels] + widths[:-1]
         self.layers = nnx.List([
-            dt.conv(cin, cout, 3, rngs) if k < 2 else dt.conv(cin, cout, 4, rngs, stride=2, padding=1)
+            make.conv(cin, cout, 3, rngs) if k < 2 else make.conv(cin, cout, 4, rngs, stride=2, padding=1)
             for k, (cin, cout) in enumerate(zip(ins, widths))])
 
     def __call__(self, masked_image):

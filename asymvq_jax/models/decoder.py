@@ -5,7 +5,7 @@ from typing import Callable
 
 from flax import nnx
 
-from asymvq_jax.models.blocks import Dtypes, MidBlock, UpBlock, own_statistics, remat_policy
+from asymvq_jax.models.blocks import LayerFactory, MidBlock, UpBlock, own_statistics, remat_policy
 from asymvq_jax.models.condition import MaskConditionEncoder, blend
 from asymvq_jax.models.config import VAEConfig
 
@@ -13,20 +13,20 @@ from asymvq_jax.models.config import VAEConfig
 class Decoder(nnx.Module):
     """latent -> image. With `config.asymmetric`, `__call__` also takes the image and mask."""
 
-    def __init__(self, config: VAEConfig, dt: Dtypes, rngs: nnx.Rngs, remat: bool | str = False):
+    def __init__(self, config: VAEConfig, make: LayerFactory, rngs: nnx.Rngs, remat: bool | str = False):
         widths, groups = config.up_block_out_channels[::-1], config.norm_num_groups  # low -> high res
         self.remat = remat
-        self.conv_in = dt.conv(config.latent_channels, widths[0], 3, rngs)
-        self.mid_block = MidBlock(widths[0], groups, dt, rngs)
+        self.conv_in = make.conv(config.latent_channels, widths[0], 3, rngs)
+        self.mid_block = MidBlock(widths[0], groups, make, rngs)
         self.up_blocks = nnx.List([
             UpBlock(widths[max(i - 1, 0)], widths[i], config.layers_per_up_block + 1, groups,
-                    i < len(widths) - 1, dt, rngs)
+                    i < len(widths) - 1, make, rngs)
             for i in range(len(widths))])
         self.condition_encoder = (
-            MaskConditionEncoder(config.out_channels, widths[-1], widths[0], dt, rngs)
+            MaskConditionEncoder(config.out_channels, widths[-1], widths[0], make, rngs)
             if config.asymmetric else None)
-        self.conv_norm_out = dt.group_norm(widths[-1], groups, rngs)
-        self.conv_out = dt.conv(widths[-1], config.out_channels, 3, rngs)
+        self.conv_norm_out = make.group_norm(widths[-1], groups, rngs)
+        self.conv_out = make.conv(widths[-1], config.out_channels, 3, rngs)
 
     def features(self, z, image=None, mask=None):
         """Everything before conv_out: the adaptive GAN weight differentiates through conv_out alone."""
