@@ -8,7 +8,7 @@ fsdp (devices that split each large parameter), runlocal (a tiny model on the bu
 fsdp 2: the same code path on a CPU with simulated devices, no bucket needed).
 """
 
-from asymvq_jax.train.config import default_config, parse_arg
+from asymvq_jax.train.config import AUTHORS_IMAGENET_SUBSET, default_config, parse_arg
 
 
 def get_config(arg=None):
@@ -20,7 +20,7 @@ def get_config(arg=None):
     c.model.preset = f"asym-{arg.variant}"
     c.init_from = arg.init_from
     c.batch_size = arg.batch               # global; v4-32 (16 chips) x 8
-    c.lr = 4.5e-6 * c.batch_size           # the authors scale by the global batch
+    c.data.num_images = AUTHORS_IMAGENET_SUBSET   # the authors' 12 epochs (lr = base_lr x batch, as theirs)
     c.dtype = "bfloat16"                   # compute; parameters and optimizer state stay float32
     c.remat = "full"
     c.mesh.data, c.mesh.fsdp = -1, arg.fsdp
@@ -35,7 +35,8 @@ def get_config(arg=None):
                              "up_block_out_channels": (16, 32, 32, 32), "layers_per_up_block": 1,
                              "norm_num_groups": 8}
         c.disc.ndf = 16
-        c.data.source, c.data.data_dir = "bundled_photos", None
+        c.random_encoder = True   # no SD weights offline: the frozen encoder is random, on purpose
+        c.data.source, c.data.data_dir, c.data.num_images = "bundled_photos", None, 0
         c.image_size, c.batch_size, c.total_steps = 32, 8, 3
         c.mesh.fsdp, c.mesh.fsdp_min_size = 2, 2**10   # small enough that the tiny kernels split too
         c.workdir, c.compilation_cache_dir = "runs/tpu_v4_runlocal", ""

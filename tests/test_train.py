@@ -289,3 +289,51 @@ def test_config_mistakes_are_one_line_before_anything_is_built(tmp_path):
         "error: loss is not a field: configs/local.py runs stages ['autoencoder', 'asymmetric'], each with its own "
         "fields: give --config.autoencoder.loss.disc_factor or --config.asymmetric.loss.disc_factor"] and cpu < 10
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_discriminator_waits_untouched_until_disc_start(assets):
+    """Before disc_start the authors' discriminator lr is 0: its parameters, statistics and Adam state
+    (count included) are bit-identical; from disc_start its optimizer counts steps from 0."""
+    from asymvq_jax import parallel
+    from asymvq_jax.train.loop import jit_step
+
+    c = config(assets, **{"loss.disc_start": 2, "loss.perceptual_weight": 0.0})
+    mesh = parallel.make_mesh(c.mesh)
+    graphdefs, state, consts, tx, disc_tx = build(c, mesh)
+    step = jit_step(c, mesh, graphdefs, tx, disc_tx, state, consts)
+    before = jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]})
+    seen = []
+    for n in range(4):
+        state, _ = step(state, consts, parallel.global_batch(batch_for_step(c, n, process_index=0, process_count=1),
+                                                             mesh))
+        seen.append(jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]}))
+    for n in (0, 1):
+        jax.tree.map(np.testing.assert_array_equal, seen[n], before)
+    counts = [int(jax.tree.leaves(s["disc_opt"])[0]) for s in seen]
+    assert counts == [0, 0, 1, 2]
+    # The first update (count 0) has lr 0: the parameters stay, the Adam moments move.
+    jax.tree.map(np.testing.assert_array_equal, seen[2]["disc"]["params"], before["disc"]["params"])
+    assert not np.array_equal(jax.tree.leaves(seen[2]["disc_opt"])[1], jax.tree.leaves(before["disc_opt"])[1])
+    moved = jax.tree.map(lambda a, b: not np.array_equal(a, b), seen[3]["disc"]["params"], before["disc"]["params"])
+    assert all(jax.tree.leaves(moved))
+
+
+def test_init_decoder_false_takes_only_the_frozen_parts_and_trains_all_at_1x(assets, tmp_path):
+    """The x1.5 / x2 recipe: the encoder from SD, nothing into the decoder, even where shapes match."""
+    from flax import nnx
+
+    from asymvq_jax import save_pretrained
+    from asymvq_jax.models import AutoencoderKL
+    from asymvq_jax.train.state import model_config
+
+    c = config(assets, init_decoder=False)
+    sd = AutoencoderKL(model_config(c).replace(asymmetric=False), rngs=nnx.Rngs(42))
+    c.init_from = save_pretrained(sd, str(tmp_path / "sd"), format="diffusers")
+    _, state, consts, tx, _ = build(c)
+    np.testing.assert_array_equal(consts["frozen"]["encoder"]["conv_in"]["kernel"], sd.encoder.conv_in.kernel[...])
+    for name in ("kernel", "bias"):  # same shape as SD's, and still fresh
+        assert not np.array_equal(state["params"]["decoder"]["conv_out"][name], getattr(sd.decoder.conv_out, name)[...])
+    params = state["params"]
+    updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
+    step_of = lambda tree: float(jnp.abs(tree["kernel"]).max())  # noqa: E731
+    assert step_of(updates["decoder"]["conv_out"]) == step_of(updates["decoder"]["condition_encoder"]["layers"][0])

@@ -8,6 +8,7 @@ def get_config(arg=None):
     c.model.overrides = {"down_block_out_channels": (8, 16, 16, 16), "layers_per_down_block": 1,
                          "up_block_out_channels": (8, 16, 16, 16), "layers_per_up_block": 1,
                          "norm_num_groups": 4}
+    c.random_encoder = True  # no checkpoint to take an encoder from
     c.data.source = "folder"
     c.data.num_workers = 1
     c.image_size, c.batch_size = 32, 2

@@ -7,13 +7,16 @@ Generators (parameters as in LaMa's ``configs/data_gen/random_thick_{256,512}.ya
 
 * ``thick_256``: irregular strokes (weight 1) or boxes (weight 0.3), one of the two
   per mask, chosen with probability proportional to the weights.
-  Strokes: 1-5 strokes; each starts at a uniform random pixel and has 1-5 segments;
+  Strokes: 1-6 strokes (LaMa's generator class passes ``max_times + 1`` to the drawing
+  function, whose randint excludes its upper bound: the yaml's 5 draws up to 6); each
+  starts at a uniform random pixel and has 1-5 segments;
   segment angle ``0.01 + randint(4)`` radians (``2*pi - angle`` on even strokes),
   length ``10 + randint(200)``, width ``5 + randint(100)``; each segment is a thick
   line with round ends (so consecutive segments join smoothly); segment end points
   are clipped to the canvas.
   Boxes: 1-3 axis-aligned boxes, margin 10 from the border, each side
-  ``randint(30, min(150, S - 2*margin))`` (upper bound exclusive).
+  ``randint(30, min(150 + 1, S - 2*margin))`` (upper bound exclusive: the generator class
+  passes ``bbox_max_size + 1``, so sides reach 150). Mean hole at 256 px: about 40.3%.
 * ``thick_512``: the same with max_len 450, max_width 250, box side up to 300 and
   1-4 boxes.
 
@@ -62,7 +65,7 @@ class MaskParams:
     # Irregular strokes.
     irregular_weight: float = 1.0
     min_strokes: int = 1
-    max_strokes: int = 5
+    max_strokes: int = 5   # LaMa's max_times: up to max_strokes + 1 strokes are drawn
     max_segments: int = 5  # segments per stroke: 1 + randint(max_segments)
     max_angle: int = 4
     max_len: int = 200
@@ -125,7 +128,7 @@ def irregular_mask(
     """LaMa irregular strokes drawn directly on a ``height x width`` canvas -> uint8 {0,1}."""
     img = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(img)
-    n_strokes = int(rng.integers(p.min_strokes, p.max_strokes + 1))
+    n_strokes = int(rng.integers(p.min_strokes, p.max_strokes + 2))  # LaMa's max_times + 1, inclusive
     for i in range(n_strokes):
         x = int(rng.integers(width))
         y = int(rng.integers(height))
@@ -152,7 +155,8 @@ def box_mask(
 ) -> np.ndarray:
     """LaMa random boxes on a ``height x width`` canvas -> uint8 {0,1}."""
     m = np.zeros((height, width), np.uint8)
-    max_size = min(p.box_max_size, height - 2 * p.margin, width - 2 * p.margin)
+    # LaMa's bbox_max_size + 1, as an exclusive bound: sides up to box_max_size.
+    max_size = min(p.box_max_size + 1, height - 2 * p.margin, width - 2 * p.margin)
     if max_size <= p.box_min_size:  # canvas too small for the margins: no boxes
         return m
     for _ in range(int(rng.integers(p.min_boxes, p.max_boxes + 1))):

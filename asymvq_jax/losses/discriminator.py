@@ -77,32 +77,38 @@ class TorchBatchNorm(nnx.Module):
         self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
         self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
 
-    def __call__(self, x: jax.Array, *, use_running_average: bool | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, *, use_running_average: bool | None = None, group_size: int = 0) -> jax.Array:
+        """`group_size` images share batch statistics (0 = the whole batch): one GPU's share of the
+        authors' DDP batch, as they use no SyncBatchNorm. The running stats take the groups' mean."""
         ura = self.use_running_average if use_running_average is None else use_running_average
         xf = x.astype(jnp.float32)
         if ura:
-            mean, var = self.mean[...], self.var[...]
+            y = (xf - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
         else:
-            axes = tuple(range(x.ndim - 1))
-            n = math.prod(x.shape[a] for a in axes)
-            mean = jnp.mean(xf, axes)
-            sq = jnp.mean(jnp.square(xf), axes)
-            if self.axis_name is not None:
+            batch = x.shape[0]
+            size = group_size or batch
+            if batch % size:
+                raise ValueError(f"a batch of {batch} images does not split into groups of {size}")
+            xg = xf.reshape((batch // size, size) + x.shape[1:])   # [groups, images, ..., channels]
+            axes = tuple(range(1, xg.ndim - 1))
+            n = math.prod(xg.shape[a] for a in axes)
+            mean = jnp.mean(xg, axes, keepdims=True)
+            if self.axis_name is None:  # two-pass variance for accuracy (centred)
+                var = jnp.mean(jnp.square(xg - mean), axes, keepdims=True)
+            else:  # pmean-compatible form
                 mean = jax.lax.pmean(mean, self.axis_name)
-                sq = jax.lax.pmean(sq, self.axis_name)
+                sq = jax.lax.pmean(jnp.mean(jnp.square(xg), axes, keepdims=True), self.axis_name)
                 n = n * jax.lax.psum(1, self.axis_name)
-            # two-pass variance for accuracy (centred), pmean-compatible form otherwise
-            if self.axis_name is None:
-                var = jnp.mean(jnp.square(xf - mean), axes)
-            else:
                 var = jnp.maximum(sq - jnp.square(mean), 0.0)
             # torch stores the unbiased variance in running_var (a batch of one element
             # would divide by zero there too; torch raises for it in training mode).
             unbiased = var * (n / (n - 1))
-            m = self.momentum
-            self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-            self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(unbiased)
-        y = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
+            m, channels = self.momentum, (-1, x.shape[-1])
+            batch_mean = jnp.mean(mean.reshape(channels), 0)
+            batch_var = jnp.mean(unbiased.reshape(channels), 0)
+            self.mean[...] = (1.0 - m) * self.mean[...] + m * jax.lax.stop_gradient(batch_mean)
+            self.var[...] = (1.0 - m) * self.var[...] + m * jax.lax.stop_gradient(batch_var)
+            y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
@@ -146,10 +152,11 @@ class NLayerDiscriminator(nnx.Module):
         self.convs = nnx.List(convs)
         self.norms = nnx.List(norms)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, group_size: int = 0) -> jax.Array:
+        """`group_size`: images per BatchNorm group in train mode (0 = the whole batch)."""
         h = jax.nn.leaky_relu(self.convs[0](x.astype(self.dtype)), 0.2)
         for conv, norm in zip(self.convs[1:-1], self.norms):
-            h = jax.nn.leaky_relu(norm(conv(h)), 0.2)
+            h = jax.nn.leaky_relu(norm(conv(h), group_size=group_size), 0.2)
         return self.convs[-1](h)
 
 

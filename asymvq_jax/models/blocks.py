@@ -5,8 +5,20 @@ import jax.numpy as jnp
 from flax import nnx
 
 
+def torch_default_init(fan_in: int):
+    """torch's default for Conv2d and Linear, weights and biases alike: U(+-1/sqrt(fan_in)) (for the
+    weights, kaiming_uniform with a = sqrt(5)). The authors' new layers start from it; loaded
+    weights replace it."""
+    bound = fan_in ** -0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
 class LayerFactory:
-    """Makes the layers (conv, GroupNorm, linear), all with one compute and one storage dtype."""
+    """Makes the layers (conv, GroupNorm, linear), all with one compute and one storage dtype, each
+    conv and linear starting from torch's default init."""
 
     def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32):
         self.dtype = dtype
@@ -16,8 +28,9 @@ class LayerFactory:
         if padding is None:
             padding = kernel // 2
         pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
+        init = torch_default_init(cin * kernel * kernel)
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, use_bias=use_bias,
-                        dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+                        kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
     def group_norm(self, channels, groups, rngs, eps=1e-6):
         # Two-pass variance, as torch computes it: the one-pass form drifts from diffusers.
@@ -25,7 +38,9 @@ class LayerFactory:
                              dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
     def linear(self, cin, cout, rngs):
-        return nnx.Linear(cin, cout, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+        init = torch_default_init(cin)
+        return nnx.Linear(cin, cout, kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+                          rngs=rngs)
 
 
 def own_statistics(norm: nnx.GroupNorm, x):

@@ -1,7 +1,11 @@
 """The authors' recipe as a ConfigDict; the files in configs/ start from it and change what differs."""
 
-import ml_collections
+import logging
 
+import ml_collections
+import numpy as np
+
+from asymvq_jax.data import make_source
 from asymvq_jax.losses import gan
 
 
@@ -10,15 +14,23 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.model = ml_collections.ConfigDict({"preset": "asym-base", "overrides": {}})
     c.init_from = ""                 # any checkpoint from_pretrained reads; "" = from scratch
+    c.init_decoder = True            # False: init_from gives the frozen parts only, the decoder starts fresh
     c.pretrained_lr_mult = 0.1       # decoder parameters taken from init_from; the new branch gets 1x
     c.train_encoder = False          # True: the whole autoencoder trains (LDM's first stage), KL included
+    c.random_encoder = False         # True: a decoder-only run without init_from, against a random frozen
+                                     # encoder, on purpose (tests, runlocal); otherwise that run is refused
     c.dtype, c.param_dtype = "float32", "float32"   # compute, storage (and optimizer state)
     c.remat = ""                     # "" = off, "full" = keep only block inputs, or a jax.checkpoint_policies name
 
     c.batch_size = 80                # global: 8 GPUs x 10 in the paper
     c.image_size = 256
-    c.total_steps = 120_030          # where the released x1.5 weights stopped
-    c.lr = 4.5e-6 * c.batch_size     # the authors scale a base lr by the global batch
+    # The horizon: the run stops, and every cosine reaches end_lr, at total_steps; 0 = epochs x the
+    # number of training images // batch_size, as the authors count it (12 epochs of their subset).
+    c.epochs, c.total_steps = 12, 0
+    # The lr is base_lr x the global batch, from the batch after every override; lr > 0 sets it outright.
+    c.base_lr, c.lr = 4.5e-6, 0.0
+    # Both decoder groups and the discriminator warm up from warmup_init_mult x, then a cosine to the
+    # absolute end_lr; the discriminator's lr is 0 until loss.disc_start, then its own warm-up.
     c.warmup_steps, c.warmup_init_mult, c.end_lr = 5000, 0.01, 1e-6
     c.ema_decay = 0.0                # 0 = no EMA copy of the decoder
 
@@ -29,7 +41,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict({
         "source": "tfds", "name": "imagenet2012", "split": "train", "data_dir": None, "path": "",
-        "mask": "thick_256", "all_ones_prob": 0.5})
+        "mask": "thick_256", "all_ones_prob": 0.5,
+        "num_images": 0})   # images in the training split, for the horizon; 0 = counted from the source
 
     # Every eval_every steps (0 = never): the eval metrics on a fixed split, TFDS `split` or the images of
     # `path` (default: the training images, then not held out), with the shipped `masks` set.
@@ -50,6 +63,44 @@ def default_config() -> ml_collections.ConfigDict:
         "heartbeat_timeout_s": 100})  # a host silent this long counts as dead (a busy CPU can starve it)
     c.compilation_cache_dir = ""     # e.g. gs://bucket/jax_cache: restarts skip recompiling
     return c
+
+
+AUTHORS_IMAGENET_SUBSET = 1_152_196   # the HR ImageNet subset their configure_optimizers counts
+
+
+def derived(config) -> ml_collections.ConfigDict:
+    """The config with `lr` and `total_steps` worked out from the batch and data after every
+    override (a run's config is resolved once, where it starts)."""
+    check(config)
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+        if not c.lr:
+            c.lr = c.base_lr * c.batch_size
+            logging.info("lr %s = %s x %d (base_lr x global batch)", short(c.lr), short(c.base_lr), c.batch_size)
+        if not c.total_steps:
+            images = c.data.get("num_images") or dataset_size(c)
+            c.total_steps = c.epochs * (images // c.batch_size)
+            logging.info("total_steps %d = %d epochs x (%d images // %d)", c.total_steps, c.epochs, images,
+                         c.batch_size)
+    return c
+
+
+def check(config) -> None:
+    """Refuses a run that could only be a mistake, before anything is built."""
+    if not config.get("train_encoder") and not config.get("init_from") and not config.get("random_encoder"):
+        raise ValueError(
+            "a decoder-only run (train_encoder=False) needs init_from, the checkpoint whose frozen encoder the "
+            "decoder learns to serve: pass --config.init_from=/path/to/sd-vae (or configs/asym_x1_5.py:/path); "
+            "set --config.random_encoder=True to train against a random encoder on purpose")
+
+
+def short(x: float) -> str:
+    return np.format_float_scientific(x, precision=3, trim="-", exp_digits=1)
+
+
+def dataset_size(config) -> int:
+    """Images in the training source: a TFDS split's size from its info, a folder's image count."""
+    return len(make_source(config, process_index=0, process_count=1))
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:

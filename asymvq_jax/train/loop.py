@@ -15,6 +15,7 @@ from asymvq_jax.data import held_out_batch, make_source, make_train_iterator
 from asymvq_jax.evaluate import make_train_evaluator
 from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import logs
+from asymvq_jax.train.config import derived
 from asymvq_jax.train.state import build, count, model_config
 from asymvq_jax.train.step import make_sample_fn, make_train_step
 
@@ -61,7 +62,7 @@ def check_finite(step: int, metrics: dict[str, float]) -> None:
 def train(config, workdir: str) -> dict[str, float]:
     """Trains until `config.total_steps` (resuming from `workdir`); returns the last metrics."""
     with contextlib.ExitStack() as cleanup:
-        return _train(config, workdir, cleanup)
+        return _train(derived(config), workdir, cleanup)
 
 
 def _train(config, workdir, cleanup) -> dict[str, float]:

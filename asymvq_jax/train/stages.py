@@ -12,6 +12,7 @@ import numpy as np
 
 from asymvq_jax import checkpoint
 from asymvq_jax.data import held_out_batch
+from asymvq_jax.train.config import derived
 from asymvq_jax.train.loop import train
 
 TABLE_EXAMPLES = 12  # 4 crops of each held-out photo, each with its own mask
@@ -21,6 +22,7 @@ def run(config, workdir: str) -> None:
     stages = list(config.stages) if "stages" in config else [None]
     for name in stages:
         stage, stage_dir = (config, workdir) if name is None else resolve(config, name, workdir)
+        stage = derived(stage)  # total_steps may come from the data
         if finished(stage_dir, stage.total_steps):
             logging.info("stage %s is done (%s); skipping it", name, stage_dir)
         else:

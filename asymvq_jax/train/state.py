@@ -36,12 +36,34 @@ def dtypes(config):
                 param_dtype=jnp.dtype(config.get("param_dtype", "float32")))
 
 
-def schedule(config) -> optax.Schedule:
-    """Linear warm-up from `warmup_init_mult`x, then cosine to `end_lr` (the authors' recipe)."""
-    return optax.warmup_cosine_decay_schedule(
-        init_value=config.lr * config.warmup_init_mult, peak_value=config.lr,
-        warmup_steps=config.warmup_steps, decay_steps=max(config.total_steps, config.warmup_steps + 1),
-        end_value=min(config.end_lr, config.lr))
+def warmup_cosine(config, peak: float, horizon: int) -> optax.Schedule:
+    """The authors' LambdaWarmUpCosineScheduler: linear from `warmup_init_mult` x `peak` to `peak`
+    over warmup_steps, then a cosine to the absolute `end_lr` at `horizon`, flat after. Written
+    as theirs is (optax's form loses 1e-6 of the value in float32 early in the warm-up)."""
+    warmup, end = config.warmup_steps, min(config.end_lr, peak)
+    start, decay = peak * config.warmup_init_mult, max(horizon - warmup, 1)
+
+    def lr(count):
+        n = jnp.asarray(count, jnp.float32)
+        t = jnp.minimum((n - warmup) / decay, 1.0)
+        return jnp.where(n < warmup, start + (peak - start) * (n / warmup),
+                         end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * t)))
+    return lr
+
+
+def decoder_schedules(config) -> dict[str, optax.Schedule]:
+    """Per decoder group: the parameters taken from init_from at `pretrained_lr_mult` x lr, the
+    rest at lr; each ends at the same absolute end_lr."""
+    return {"pretrained": warmup_cosine(config, config.pretrained_lr_mult * config.lr, config.total_steps),
+            "new": warmup_cosine(config, config.lr, config.total_steps)}
+
+
+def disc_schedule(config) -> optax.Schedule:
+    """The authors' LambdaWarmUpCosineScheduler_D over the discriminator optimizer's own count,
+    which the step advances only from loss.disc_start on (count = step - disc_start): 0 at the
+    first update, then its own warm-up and a cosine ending at the same horizon as the decoder's."""
+    sched = warmup_cosine(config, config.lr, config.total_steps - config.loss.disc_start)
+    return lambda count: jnp.where(count > 0, sched(count), 0.0)
 
 
 def adam(lr) -> optax.GradientTransformation:
@@ -49,15 +71,12 @@ def adam(lr) -> optax.GradientTransformation:
 
 
 def decoder_optimizer(config, pretrained: set[str]) -> optax.GradientTransformation:
-    """Adam with `pretrained_lr_mult` on the parameters taken from init_from (the new branch at 1x)."""
-    sched, mult = schedule(config), config.pretrained_lr_mult
-
+    """Adam with the pretrained schedule on the parameters taken from init_from, the new one on the rest."""
     def labels(params):
         return jax.tree_util.tree_map_with_path(
             lambda path, _: "pretrained" if path_to_str(path) in pretrained else "new", params)
 
-    return optax.multi_transform({"pretrained": adam(lambda c: mult * sched(c)), "new": adam(sched)},
-                                 labels)
+    return optax.multi_transform({group: adam(s) for group, s in decoder_schedules(config).items()}, labels)
 
 
 def pure(state) -> dict:
@@ -96,12 +115,14 @@ def read_source(path: str) -> dict[tuple, np.ndarray]:
 def pretrained_source(config, trees) -> tuple[dict[tuple, np.ndarray], set[str]]:
     """The init_from parameters that fit `trees` by path and shape, and the dotted paths of the
     trainable ones among them. The frozen parts must all fit; trainable parameters that do not
-    stay fresh (e.g. a new branch)."""
+    stay fresh (e.g. a new branch), and with `init_decoder` False all of them do (the authors'
+    x1.5 and x2 decoders take nothing from SD, even where a shape matches)."""
     source, fits, fresh, pretrained = read_source(config.init_from), {}, [], set()
+    load_trained = config.get("init_decoder", True)
     for trains, tree in ((True, trees["params"]), (False, trees["frozen"])):
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             key = key_path(path)
-            if key in source and source[key].shape == x.shape:
+            if key in source and source[key].shape == x.shape and (load_trained or not trains):
                 fits[key] = source[key]
                 if trains:
                     pretrained.add(path_to_str(key))
@@ -158,7 +179,7 @@ def build(config, mesh=None, *, abstract: bool = False):
     trees = with_shardings(trees, shard(trees))
     source, pretrained = pretrained_source(config, trees) if config.get("init_from") else ({}, set())
     tx = decoder_optimizer(config, pretrained)
-    disc_tx = adam(schedule(config))
+    disc_tx = adam(disc_schedule(config))
 
     def make_state(params, disc):
         state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt": tx.init(params), "disc": disc,

@@ -1,4 +1,10 @@
-"""The jitted train step: one decoder forward feeds both the decoder and discriminator updates."""
+"""The jitted train step: one decoder forward feeds both the decoder and discriminator updates.
+
+A difference from the authors, declared: their Lightning loop runs a second autoencoder forward for
+the discriminator step (a new posterior sample, through the decoder just updated). We reuse the
+generator step's reconstruction: half the forward work, and the discriminator sees the output of
+the decoder before this step's update and the same posterior sample.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +74,22 @@ def make_train_step(config, graphdefs, tx, disc_tx):
         updates, opt = tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         new = {"step": step + 1, "params": params, "opt": opt, "disc": state["disc"], "disc_opt": state["disc_opt"]}
+
+        def disc_update():
+            (d_loss, (stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
+            d_updates, d_opt = disc_tx.update(d_grads, state["disc_opt"], d_params)
+            disc = {"params": optax.apply_updates(d_params, d_updates), "stats": stats}
+            return disc, d_opt, (d_loss, real, fake), d_grads
+
+        def disc_waits():  # before disc_start the authors' lr is 0: parameters, Adam state and count stay
+            zero = jnp.zeros((), jnp.float32)
+            return state["disc"], state["disc_opt"], (zero, zero, zero), jax.tree.map(jnp.zeros_like, d_params)
+
         d_loss = real = fake = jnp.zeros((), jnp.float32)
         d_grads = {}
         if use_gan:
-            (d_loss, (new_stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
-            d_updates, new["disc_opt"] = disc_tx.update(d_grads, state["disc_opt"], d_params)
-            new["disc"] = {"params": optax.apply_updates(d_params, d_updates), "stats": new_stats}
+            new["disc"], new["disc_opt"], (d_loss, real, fake), d_grads = jax.lax.cond(factor > 0, disc_update,
+                                                                                       disc_waits)
         if "ema" in state:
             new["ema"] = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
 
