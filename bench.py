@@ -5,6 +5,7 @@ same (random) weights, side by side in one process, and of the training step.
   python bench.py                     # every preset, 256 and 512 px, fp32 and bf16, batch 1 and 4
   python bench.py --quick             # x1.5 at 256 px, fp32, batch 1: a few minutes on a 2-core CPU
   python bench.py --models asym-x1.5 --sizes 256 --ops guided --reps 5 --json out.json
+  python bench.py --quick --family flux   # the same sizes on FLUX latents (16 channels, no quant convs)
 
 Ours and diffusers' runs alternate, so both see the same load; "speedup" is diffusers' wall time
 over ours, "CPU-time" the same ratio of this process's CPU seconds (steadier on a shared machine).
@@ -62,31 +63,37 @@ def _matmul_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
 
 # -- models ------------------------------------------------------------------------------------
 
-def models(name: str, seed: int = 0):
-    """diffusers' model with random weights (torch's init) and ours holding the same weights."""
+def models(name: str, family: str = "sd", seed: int = 0):
+    """diffusers' model with random weights (torch's init) and ours holding the same weights.
+    diffusers' asymmetric class always has quant convs: for a family without them (SD3, FLUX) they
+    are set to the identity, as our export writes them."""
     import diffusers
     import torch
 
     from asymvq_jax.convert import build_model, diffusers_to_flax_params
+    from asymvq_jax.models import family as family_fields
     from asymvq_jax.models import preset
-    config = preset(name)
+    config = preset(name, **family_fields(family))
     torch.manual_seed(seed)
     cfg = config.to_diffusers_config()
-    cls = getattr(diffusers, cfg.pop("_class_name"))
-    if cfg.get("shift_factor") is None:
-        cfg.pop("shift_factor", None)
-    ref = cls(**cfg).eval()
-    ours = build_model(config, diffusers_to_flax_params({k: v.numpy() for k, v in ref.state_dict().items()}))
+    ref = getattr(diffusers, cfg.pop("_class_name")).from_config(cfg).eval()  # ignores keys it does not take
+    tensors = {k: v.numpy() for k, v in ref.state_dict().items()}
+    if config.asymmetric and not config.use_quant_conv:
+        from asymvq_jax.convert.writers import identity_quant_convs
+        identity = identity_quant_convs(config)
+        ref.load_state_dict({k: torch.from_numpy(v) for k, v in identity.items()}, strict=False)
+        tensors = {k: v for k, v in tensors.items() if k not in identity}
+    ours = build_model(config, diffusers_to_flax_params(tensors))
     return ref, ours
 
 
-def inputs(batch: int, size: int, seed: int = 0):
+def inputs(batch: int, size: int, latent_channels: int = 4, seed: int = 0):
     import numpy as np
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     mask = np.zeros((batch, size, size, 1), np.float32)
     mask[:, size // 4: 3 * size // 4, size // 8: size // 2] = 1.0
-    z = rng.normal(size=(batch, size // 8, size // 8, 4)).astype(np.float32)
+    z = rng.normal(size=(batch, size // 8, size // 8, latent_channels)).astype(np.float32)
     return x, mask, z
 
 
@@ -143,7 +150,7 @@ def side_by_side(runs: dict, reps: int) -> dict[str, list[float]]:
 def bench_case(ref, vae, op, size, dtype, batch, reps, device, with_diffusers) -> dict:
     from asymvq_jax import inference
     vae = inference.load_model(vae, dtype=dtype)
-    x, mask, z = inputs(batch, size)
+    x, mask, z = inputs(batch, size, vae.config.latent_channels)
     start = time.perf_counter()
     ours, compiled = ours_fn(vae, op, x, mask, z)
     compile_s = time.perf_counter() - start
@@ -198,11 +205,11 @@ def bench_train(size, batch, reps, device) -> dict:
 def table(rows) -> str:
     def fmt(v, spec):
         return "-" if v is None else format(v, spec)
-    head = (f"{'model':10} {'op':7} {'px':>4} {'dtype':8} {'B':>2} | {'img/s':>7} {'lat s':>7} {'compile':>7} "
+    head = (f"{'model':15} {'op':7} {'px':>4} {'dtype':8} {'B':>2} | {'img/s':>7} {'lat s':>7} {'compile':>7} "
             f"{'GFLOP':>7} {'MFU':>6} {'MiB':>6} | {'diff img/s':>10} {'speedup':>7} {'CPU-time':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r['model']:10} {r['op']:7} {r['size']:4d} {r['dtype']:8} {r['batch']:2d} | "
+        lines.append(f"{r['model']:15} {r['op']:7} {r['size']:4d} {r['dtype']:8} {r['batch']:2d} | "
                      f"{r['ours_images_per_s']:7.3f} {r['ours_latency_s']:7.3f} {r['compile_s']:7.1f} "
                      f"{fmt(r['gflops'], '7.0f')} {fmt(r['mfu'] and 100 * r['mfu'], '5.1f')}% "
                      f"{fmt(r['ours_peak_mib'], '6.0f')} | {fmt(r.get('diffusers_images_per_s'), '10.3f')} "
@@ -215,6 +222,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help=f"defaults {QUICK} instead of {ALL}")
     for flag in ALL:
         parser.add_argument(f"--{flag}", default=None, help="comma-separated")
+    parser.add_argument("--family", default="sd", choices=("sd", "sdxl", "sd3", "flux"),
+                        help="the latent family of every model (channels, quant convs)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 3, quick 2)")
     parser.add_argument("--no-diffusers", action="store_true", help="ours only")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
@@ -233,7 +242,7 @@ def main(argv=None) -> int:
               "peak_flops": {d: peak_flops(device, d)[0] for d in choice["dtypes"]},
               "load_before": os.getloadavg(), "rows": []}
     for name in choice["models"]:
-        ref, vae = models(name)
+        ref, vae = models(name, args.family)
         for op in choice["ops"]:
             if op == "train" or (op == "guided" and not vae.config.asymmetric):
                 continue
@@ -241,7 +250,8 @@ def main(argv=None) -> int:
                 for dtype in choice["dtypes"]:
                     for batch in map(int, choice["batches"]):
                         r = bench_case(ref, vae, op, size, dtype, batch, reps, device, not args.no_diffusers)
-                        result["rows"].append({"model": name, **r})
+                        result["rows"].append({"model": name if args.family == "sd" else f"{name}/{args.family}",
+                                               **r})
                         print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
     if "train" in choice["ops"]:
         batch = max(map(int, choice["batches"]))

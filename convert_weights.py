@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Convert autoencoder weights between diffusers, original LDM / Asymmetric_VQGAN and asymvq.
 
-  python convert_weights.py import SRC DST [--allow-pickle]
+  python convert_weights.py import SRC DST [--allow-pickle] [--family sd|sdxl|sd3|flux]
   python convert_weights.py export SRC DST --format diffusers|ldm|asymvq [--allow-pickle] [--fp16]
   python convert_weights.py export WORKDIR DST --format diffusers [--step N] [--raw]
 
@@ -18,7 +18,8 @@ formats read (SRC, detected from files, keys and shapes):
   diffusers   folder with config.json + diffusion_pytorch_model.safetensors (or .bin), for
               AutoencoderKL or AsymmetricAutoencoderKL; a pipeline folder with vae/ works too
   ldm         one .safetensors/.ckpt/.bin in the original CompVis layout (encoder.down.N.block.M,
-              mid.attn_1.q, ...); whole SD checkpoints (first_stage_model.*) keep only the VAE
+              mid.attn_1.q, ...); whole SD/SDXL/SD3 checkpoints (first_stage_model.*) keep only
+              the VAE; FLUX's ae.safetensors (BFL: the same names, no quant convs) too
   asymmetric  an Asymmetric_VQGAN (Lightning) checkpoint: state_dict with decoder.encoder.layers.N;
               the unused decoder.up_layers.* and loss.* are dropped (and reported)
   asymvq      ours: folder with asymvq_config.json + params.safetensors (Flax paths, Flax layout),
@@ -32,6 +33,11 @@ formats written (DST):
               loads with diffusers' AsymmetricAutoencoderKL/AutoencoderKL.from_pretrained
   ldm         one .safetensors in the original layout; the asymmetric branch is named
               decoder.encoder.layers.N as in Asymmetric_VQGAN
+
+families (--family): a single file has no config, so its latent factors come from its family:
+  sd 0.18215 | sdxl 0.13025 | sd3 1.5305, shift 0.0609 | flux 0.3611, shift 0.1159. A whole
+  checkpoint says its family by its other models' keys; otherwise a 4-channel file is sd unless
+  --family sdxl, and a 16-channel one (no quant convs) needs --family sd3 or flux.
 
 .ckpt/.bin/.pt files are pickles, which can run code when loaded: they are refused unless
 --allow-pickle is given, and then read with torch.load(weights_only=True).
@@ -49,6 +55,8 @@ def main(argv=None) -> int:
     common.add_argument("--allow-pickle", action="store_true",
                         help="allow .ckpt/.bin pickles (only for files you trust)")
     common.add_argument("--fp16", action="store_true", help="write float16 weights")
+    common.add_argument("--family", choices=("sd", "sdxl", "sd3", "flux"), default=None,
+                        help="the latent family of a single file without a config (see below)")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument("--step", type=int, default=None, help="workdir SRC: the checkpoint step (default latest)")
     common.add_argument("--raw", action="store_true", help="workdir SRC: the raw weights even if EMA was kept")
@@ -74,13 +82,13 @@ def main(argv=None) -> int:
         if checkpoint.is_workdir(args.src):
             vae = checkpoint.load_model(args.src, step=args.step, ema=not args.raw)
         else:
-            vae = from_pretrained(args.src, allow_pickle=args.allow_pickle)
+            vae = from_pretrained(args.src, allow_pickle=args.allow_pickle, family=args.family)
         out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None,
                               force=args.force)
     except (ValueError, FileNotFoundError) as e:  # the converter raises ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    logging.info("wrote %s (%s)", out, fmt)
+    logging.info("wrote %s (%s, family %s)", out, fmt, vae.config.family)
     return 0
 
 

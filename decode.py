@@ -33,11 +33,12 @@ def main(argv=None) -> int:
     common.add_argument("--force", action="store_true", help="replace an existing --out file that is not an image")
     sub.add_parser("reconstruct", parents=[common], help="image + mask -> encode -> plain and guided decodes")
     dec = sub.add_parser("decode", parents=[common], help="latents from an inpainting sampler -> PNG")
-    dec.add_argument("--latents", required=True, help=".npy or .safetensors, [B, C, h, w] (torch) or [B, h, w, C]")
+    dec.add_argument("--latents", required=True, help=".npy or .safetensors, [B, C, h, w] (torch) or [B, h, w, C], "
+                     "or FLUX's packed [B, (h/2)(w/2), 4C] (unpacked from the image size)")
     dec.add_argument("--key", default=None, help=".safetensors: the tensor's name (default: its only tensor)")
     space = dec.add_mutually_exclusive_group(required=True)
-    space.add_argument("--scaled", action="store_true", help="latents as the diffusion model sees them "
-                       "(multiplied by the scaling factor): divided by it here")
+    space.add_argument("--scaled", action="store_true", help="latents as the diffusion model sees them, "
+                       "(z - shift_factor) * scaling_factor (a pipeline's output_type='latent'): unscaled here")
     space.add_argument("--unscaled", action="store_true", help="latents as the encoder returns them")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

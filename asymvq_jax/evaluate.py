@@ -94,7 +94,7 @@ def read_latents(folder: str, names, decoder: Decoder, shape) -> np.ndarray:
             z = z.transpose(1, 2, 0)
         elif z.shape != (h, w, c):
             raise ValueError(f"{path}: latents of shape {z.shape}; the images need ({c}, {h}, {w}) or ({h}, {w}, {c})")
-        out.append(z / decoder.config.scaling_factor + (decoder.config.shift_factor or 0.0))
+        out.append(decoder.config.unscale(z))
     return np.stack(out).astype(np.float32)
 
 

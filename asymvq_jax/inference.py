@@ -37,7 +37,7 @@ def load_model(source, *, dtype=jnp.float32, step: int | None = None, allow_pick
 
 
 def compute_dtype(vae: AutoencoderKL):
-    return jnp.dtype(vae.post_quant_conv.dtype)
+    return jnp.dtype(vae.compute_dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -53,7 +53,7 @@ def _decode(graphdef, state, z, image, mask):
 @functools.partial(jax.jit, static_argnums=0)
 def _decode_mid(graphdef, state, z):
     vae = nnx.merge(graphdef, state)
-    return vae.decoder.mid(vae.post_quant_conv(z))
+    return vae.decoder.mid(vae.post_quant(z))
 
 
 def encode(vae: AutoencoderKL, x) -> jax.Array:
@@ -285,8 +285,22 @@ def reconstruct(vae: AutoencoderKL, image: np.ndarray, mask: np.ndarray, *, tile
 
 # -- files in, PNG out (the decode.py commands) ------------------------------------------------
 
-def read_latents(path, channels: int, key: str | None = None) -> np.ndarray:
-    """[B, h, w, C] float32 from .npy or .safetensors holding [B, C, h, w] (torch) or [B, h, w, C]."""
+def unpack_latents(packed, height: int, width: int, downscale: int = 8) -> np.ndarray:
+    """FLUX pipelines' packed latents [B, (h/2)(w/2), 4C] (each token a 2x2 patch, channel-major) for an
+    image of height x width pixels -> [B, h, w, C], with h = 2 * (height // (2 * downscale)) as they use."""
+    packed = np.asarray(packed)
+    h, w = 2 * (height // (2 * downscale)), 2 * (width // (2 * downscale))
+    b, n, c4 = packed.shape
+    if n != (h // 2) * (w // 2) or c4 % 4:
+        raise ValueError(f"packed latents of shape {packed.shape} do not fit a {width}x{height} image: "
+                         f"expected [B, {(h // 2) * (w // 2)}, 4 x channels]")
+    return packed.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, h, w, c4 // 4)
+
+
+def read_latents(path, channels: int, key: str | None = None, image_size: tuple[int, int] | None = None
+                 ) -> np.ndarray:
+    """[B, h, w, C] float32 from .npy or .safetensors holding [B, C, h, w] (torch) or [B, h, w, C], or
+    FLUX's packed [B, (h/2)(w/2), 4C] when `image_size` (H, W) is given (`unpack_latents`)."""
     path = os.fspath(path)
     _existing(path)
     if path.endswith(".npy"):
@@ -299,6 +313,8 @@ def read_latents(path, channels: int, key: str | None = None) -> np.ndarray:
         z = tensors[key] if key is not None else next(iter(tensors.values()))
     else:
         raise ValueError(f"{path}: latents must be a .npy or .safetensors file")
+    if z.ndim == 3 and z.shape[-1] == 4 * channels and image_size is not None and z.shape[0] != channels:
+        return unpack_latents(z, *image_size).astype(np.float32)
     z = z[None] if z.ndim == 3 else z
     if z.ndim == 4 and z.shape[1] == channels:
         z = z.transpose(0, 2, 3, 1)
@@ -343,9 +359,9 @@ def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool
     check_pair(image, mask)
     _existing(latents_path)
     vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
-    z = read_latents(latents_path, vae.config.latent_channels, key)
+    z = read_latents(latents_path, vae.config.latent_channels, key, image_size=image.shape[:2])
     if scaled:
-        z = z / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
+        z = vae.config.unscale(z)
     stem, ext = os.path.splitext(os.fspath(out))
     outs = [os.fspath(out)] if len(z) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(z))]
     for path in outs:

@@ -3,7 +3,8 @@
     python train.py --config configs/tpu_v4.py:bucket=my-bucket,variant=x1.5
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python train.py --config configs/tpu_v4.py:runlocal
 
-Arguments (comma-separated): variant (base | x1.5 | x2), bucket, init_from, batch (global),
+Arguments (comma-separated): variant (base | x1.5 | x2), bucket, init_from (the VAE whose encoder and
+latent family the decoder serves), family (sd | sdxl | sd3 | flux: of an init_from file without a config), batch (global),
 fsdp (devices that split each large parameter), runlocal (a tiny model on the bundled photos,
 fsdp 2: the same code path on a CPU with simulated devices, no bucket needed).
 """
@@ -12,13 +13,13 @@ from asymvq_jax.train.config import AUTHORS_IMAGENET_SUBSET, default_config, par
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, variant="x1.5", bucket="", init_from="", batch=128, fsdp=1, runlocal=False)
+    arg = parse_arg(arg, variant="x1.5", bucket="", init_from="", family="", batch=128, fsdp=1, runlocal=False)
     if not arg.bucket and not arg.runlocal:
         raise ValueError("configs/tpu_v4.py: no bucket set; give yours: --config configs/tpu_v4.py:bucket=NAME "
                          "(or :runlocal to try it on this machine)")
     c = default_config()
     c.model.preset = f"asym-{arg.variant}"
-    c.init_from = arg.init_from
+    c.init_from, c.init_family = arg.init_from, arg.family
     c.batch_size = arg.batch               # global; v4-32 (16 chips) x 8
     c.data.num_images = AUTHORS_IMAGENET_SUBSET   # the authors' 12 epochs (lr = base_lr x batch, as theirs)
     c.dtype = "bfloat16"                   # compute; parameters and optimizer state stay float32

@@ -208,11 +208,12 @@ def test_full_sd_checkpoint_keeps_only_the_vae(plain_torch, tmp_path, caplog):
     _assert_same(load_file(tmp_path / "vae.safetensors"), ldm)
 
 
-def test_match_preset_ignores_scaling_factor():
+def test_match_preset_ignores_the_latent_family():
     from asymvq_jax.convert import match_preset
-    from asymvq_jax.models.config import PRESETS
+    from asymvq_jax.models.config import FAMILIES, PRESETS
     assert match_preset(PRESETS["asym-x1.5"].replace(scaling_factor=0.13025)) == "asym-x1.5"
-    assert match_preset(VAEConfig(latent_channels=16)) == "custom"
+    assert match_preset(PRESETS["asym-base"].replace(**FAMILIES["flux"])) == "asym-base"
+    assert match_preset(VAEConfig(layers_per_up_block=4)) == "custom"
 
 
 # -- diffusers interop -----------------------------------------------------------------------------

@@ -155,24 +155,27 @@ def load_checkpoint_params(ckpt: Checkpoint, abstract) -> dict[K.Path, np.ndarra
 
 
 def from_pretrained(path: str | os.PathLike, *, allow_pickle: bool = False, dtype: Any = None,
-                    param_dtype: Any = None, config: VAEConfig | None = None):
+                    param_dtype: Any = None, config: VAEConfig | None = None, family: str | None = None):
     """Load an AutoencoderKL from any supported checkpoint.
 
     `path`: a diffusers folder (config.json + diffusion_pytorch_model.safetensors/.bin, or a
     pipeline folder with vae/), a single .safetensors/.ckpt/.bin in original LDM layout (a whole
     SD checkpoint with `first_stage_model.` is fine; the rest is dropped), an Asymmetric_VQGAN
     Lightning checkpoint, or our own asymvq folder/file. Pickles need `allow_pickle=True`.
-    `config` overrides the read/inferred config (only needed for non-default norm groups or
-    scaling factor of bare LDM files). dtype/param_dtype default to float32.
+    `config` overrides the read/inferred config (only needed for non-default norm groups of bare
+    LDM files). `family` ("sd", "sdxl", "sd3", "flux") gives the latent factors of a single file
+    without a config, FLUX's ae.safetensors or SD3's checkpoint among them: a 4-channel file is SD
+    unless told "sdxl", a 16-channel one needs "sd3" or "flux" unless the file says which.
+    dtype/param_dtype default to float32.
     """
-    cfg, params = read_params(path, allow_pickle=allow_pickle, config=config)
+    cfg, params = read_params(path, allow_pickle=allow_pickle, config=config, family=family)
     return build_model(cfg, params, dtype=dtype, param_dtype=param_dtype)
 
 
-def read_params(path: str | os.PathLike, *, allow_pickle: bool = False, config: VAEConfig | None = None
-                ) -> tuple[VAEConfig, dict[K.Path, np.ndarray]]:
+def read_params(path: str | os.PathLike, *, allow_pickle: bool = False, config: VAEConfig | None = None,
+                family: str | None = None) -> tuple[VAEConfig, dict[K.Path, np.ndarray]]:
     """The config and the Flax-layout parameters (host memory) of any checkpoint from_pretrained reads."""
-    ckpt = read_checkpoint(os.fspath(path), allow_pickle=allow_pickle, config=config)
+    ckpt = read_checkpoint(os.fspath(path), allow_pickle=allow_pickle, config=config, family=family)
     return ckpt.config, load_checkpoint_params(ckpt, abstract_model(ckpt.config)[1])
 
 

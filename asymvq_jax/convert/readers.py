@@ -17,7 +17,8 @@ from collections import Counter
 import numpy as np
 
 from asymvq_jax import paths
-from asymvq_jax.models.config import PRESETS, ConfigError, VAEConfig
+from asymvq_jax.models.config import FAMILIES, PRESETS, ConfigError, VAEConfig
+from asymvq_jax.models.config import family as family_fields
 
 from . import keys as K
 from .errors import CorruptFileError, PickleNotAllowedError, UnknownFormatError
@@ -50,6 +51,10 @@ class Checkpoint:
     @property
     def preset_name(self) -> str:
         return match_preset(self.config)
+
+    @property
+    def family(self) -> str:
+        return self.config.family
 
 
 # --------------------------------------------------------------------------------------------
@@ -197,8 +202,9 @@ def _count(tensors, pattern: str) -> int:
 
 
 def infer_config(tensors: dict[str, np.ndarray], base: VAEConfig | None = None) -> VAEConfig:
-    """A config from diffusers-layout tensor shapes. norm_num_groups, scaling_factor and
-    shift_factor are not in the weights: they come from `base` (defaults: 32, 0.18215, None)."""
+    """A config from diffusers-layout tensor shapes (the quant convs from their presence).
+    norm_num_groups, scaling_factor and shift_factor are not in the weights: they come from
+    `base` (defaults: 32, 0.18215, None)."""
     base = base or VAEConfig()
     try:
         n_down = _count(tensors, r"encoder\.down_blocks\.(\d+)\.")
@@ -213,6 +219,7 @@ def infer_config(tensors: dict[str, np.ndarray], base: VAEConfig | None = None) 
             down_block_out_channels=down, layers_per_down_block=layers_down,
             up_block_out_channels=up, layers_per_up_block=layers_up,
             latent_channels=int(tensors["decoder.conv_in.weight"].shape[1]),
+            use_quant_conv="quant_conv.weight" in tensors, use_post_quant_conv="post_quant_conv.weight" in tensors,
             asymmetric=any(k.startswith("decoder.condition_encoder.") for k in tensors))
     except KeyError as e:
         raise UnknownFormatError(f"cannot infer the model shape: key {e.args[0]} is missing") from e
@@ -226,7 +233,8 @@ def infer_config(tensors: dict[str, np.ndarray], base: VAEConfig | None = None) 
 
 
 def _architecture(cfg: VAEConfig) -> VAEConfig:
-    return cfg.replace(scaling_factor=1.0, shift_factor=None)  # the weights do not depend on them
+    """The widths alone: a preset names a size, whatever the latent family."""
+    return cfg.replace(**family_fields("sd"))
 
 
 def match_preset(cfg: VAEConfig) -> str:
@@ -253,6 +261,82 @@ def config_at(source: str, make, *args) -> VAEConfig:
 
 
 # --------------------------------------------------------------------------------------------
+# the latent family
+# --------------------------------------------------------------------------------------------
+
+# Keys of the other models in a whole checkpoint that name its family.
+_FAMILY_KEYS = (("model.diffusion_model.joint_blocks.", "sd3"), ("conditioner.embedders.1.", "sdxl"),
+                ("cond_stage_model.", "sd"))
+# Words of Stability's `modelspec.architecture` metadata.
+_FAMILY_WORDS = (("xl", "sdxl"), ("v3", "sd3"), ("sd3", "sd3"), ("flux", "flux"), ("stable-diffusion-v", "sd"))
+
+
+def family_said(keys, metadata: dict[str, str]) -> tuple[str, str] | None:
+    """(family, where the file says it) from other models' keys or the metadata, else None."""
+    for prefix, name in _FAMILY_KEYS:
+        if any(k.startswith(prefix) for k in keys):
+            return name, f"its {prefix}* keys"
+    arch = metadata.get("modelspec.architecture", "").lower()
+    for word, name in _FAMILY_WORDS:
+        if word in arch:
+            return name, f"modelspec.architecture={arch!r}"
+    return None
+
+
+def family_config(tensors: dict[str, np.ndarray], said: tuple[str, str] | None, chosen: str | None,
+                  source: str) -> VAEConfig:
+    """The config of a file without one: shapes from the tensors, factors from its family, which is
+    `chosen`, else what the file says, else SD for 4 latent channels. 16 channels may be SD3 or FLUX
+    (same shapes, different factors), so they need one of those."""
+    if chosen is not None:
+        family_fields(chosen)  # an unknown name raises
+        if said is not None and said[0] != chosen:
+            raise UnknownFormatError(f"{source}: family={chosen!r} given, but the file says {said[0]!r} ({said[1]})")
+    shapes = infer_config(tensors)
+    name = chosen or (said[0] if said else None)
+    if name is None:
+        matches = [n for n, f in FAMILIES.items() if f["latent_channels"] == shapes.latent_channels
+                   and f["use_quant_conv"] == shapes.use_quant_conv]
+        if len(matches) > 1 and shapes.latent_channels != 4:
+            raise UnknownFormatError(f"{source}: {shapes.latent_channels} latent channels fit {' and '.join(matches)}, "
+                                     "whose weights look the same: choose with family="
+                                     f"{'|'.join(repr(m) for m in matches)} (CLI: --family)")
+        name = matches[0] if matches else None
+    if name is None:
+        log.info("%s: %d latent channels fit no known family; default factors", source, shapes.latent_channels)
+        return shapes
+    fam = family_fields(name)
+    for field in ("latent_channels", "use_quant_conv", "use_post_quant_conv"):
+        if fam[field] != getattr(shapes, field):
+            raise UnknownFormatError(f"{source}: family {name!r} has {field}={fam[field]}, the file "
+                                     f"{getattr(shapes, field)}")
+    return shapes.replace(**fam)
+
+
+def _check_chosen_family(cfg: VAEConfig, chosen: str | None, source: str) -> None:
+    if chosen is not None and family_fields(chosen) and cfg.family != chosen:
+        raise UnknownFormatError(f"{source}: family={chosen!r} given, but its config says {cfg.family!r} "
+                                 f"(scaling_factor={cfg.scaling_factor}, shift_factor={cfg.shift_factor})")
+
+
+_IDENTITY_QUANT_CONVS = (("quant_conv", "use_quant_conv"), ("post_quant_conv", "use_post_quant_conv"))
+
+
+def drop_identity_quant_convs(tensors: dict[str, np.ndarray], cfg: VAEConfig, source: str) -> dict[str, np.ndarray]:
+    """Our diffusers export of a family without quant convs holds identity ones (the class always
+    has them); the config says so. Drops them, after checking they are exactly the identity."""
+    out = dict(tensors)
+    for name, flag in _IDENTITY_QUANT_CONVS:
+        if getattr(cfg, flag) or f"{name}.weight" not in out:
+            continue
+        w, b = out.pop(f"{name}.weight"), out.pop(f"{name}.bias", None)
+        eye = np.eye(w.shape[0], dtype=np.float32)[:, :, None, None]
+        if w.shape != eye.shape or not np.array_equal(w.astype(np.float32), eye) or (b is not None and np.any(b)):
+            raise UnknownFormatError(f"{source}: config says {flag}=false but {name} is not the identity")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # the entry point
 # --------------------------------------------------------------------------------------------
 
@@ -273,9 +357,11 @@ def _find_folder_weights(folder: str, names) -> str | None:
     return None
 
 
-def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig | None = None) -> Checkpoint:
+def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig | None = None,
+                    family: str | None = None) -> Checkpoint:
     """Any supported source as diffusers-layout tensors + a config. `config` overrides what is
-    read or inferred (needed only for norm_num_groups/scaling_factor of bare LDM files)."""
+    read or inferred (e.g. norm_num_groups of bare LDM files). `family` (sd, sdxl, sd3, flux)
+    gives the factors of a file without a config (`family_config`), and must agree with a config."""
     path = os.fspath(path)
     json_cfg: VAEConfig | None = None
     if paths.isdir(path):
@@ -298,7 +384,7 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
                 hint = f" (a pipeline folder? pass {vae})" if paths.isdir(vae) else ""
                 raise UnknownFormatError(f"{path}: diffusers config.json but none of {DIFFUSERS_WEIGHTS}{hint}")
         elif paths.isdir(paths.join(path, "vae")):
-            return read_checkpoint(paths.join(path, "vae"), allow_pickle=allow_pickle, config=config)
+            return read_checkpoint(paths.join(path, "vae"), allow_pickle=allow_pickle, config=config, family=family)
         else:
             raise UnknownFormatError(f"{path}: folder with neither config.json (diffusers) nor {ASYMVQ_CONFIG} (asymvq)")
     else:
@@ -312,11 +398,21 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
         except json.JSONDecodeError as e:
             raise CorruptFileError(f"{weights}: bad asymvq_config metadata: {e}") from e
     layout = detect_layout(tensors)
+    said = family_said(tensors, metadata)
     tensors, dropped = to_diffusers_layout(tensors, layout, weights)
-    cfg = config or json_cfg or infer_config(tensors)
+    if config is not None:
+        cfg = config
+    elif json_cfg is not None:
+        _check_chosen_family(json_cfg, family, weights)
+        cfg = json_cfg
+    else:
+        cfg = family_config(tensors, said, family, weights)
+    tensors = drop_identity_quant_convs(tensors, cfg, weights)
     ckpt = Checkpoint(tensors=tensors, config=cfg, layout=layout, source=weights, dropped=dropped)
-    log.info("%s: format %s, preset %s (%s decoder, down %s x%d, up %s x%d, latent %d)%s", path, layout,
-             ckpt.preset_name, "asymmetric" if cfg.asymmetric else "plain", list(cfg.down_block_out_channels),
-             cfg.layers_per_down_block, list(cfg.up_block_out_channels), cfg.layers_per_up_block, cfg.latent_channels,
-             "" if (config or json_cfg) else "; config inferred from shapes")
+    how = ("config given" if config else "its config" if json_cfg else f"said by {said[1]}" if said and not family
+           else "family given" if family else "from the latent channels")
+    log.info("%s: format %s, family %s (%s), preset %s (%s decoder, down %s x%d, up %s x%d, latent %d)", path,
+             layout, ckpt.family, how, ckpt.preset_name, "asymmetric" if cfg.asymmetric else "plain",
+             list(cfg.down_block_out_channels), cfg.layers_per_down_block, list(cfg.up_block_out_channels),
+             cfg.layers_per_up_block, cfg.latent_channels)
     return ckpt

@@ -6,6 +6,9 @@ Formats:
   ``AutoencoderKL`` or ``AsymmetricAutoencoderKL`` and ``_diffusers_version``) and
   ``diffusion_pytorch_model.safetensors`` (metadata ``{"format": "pt"}``). Loads with
   ``AsymmetricAutoencoderKL.from_pretrained(dir)`` / ``AutoencoderKL.from_pretrained(dir)``.
+  ``AsymmetricAutoencoderKL`` always has quant convs: a family without them (SD3, FLUX) gets
+  exact identity 1x1 convs, and its config.json keeps ``use_quant_conv: false`` and
+  ``shift_factor``, which that class ignores but our import reads (and drops the identities).
 * ``ldm``: one ``.safetensors`` file in the original CompVis/LDM layout (``encoder.down.N.block.M``,
   ``mid.attn_1.q`` as 1x1 convs, decoder ``up.N`` numbered from high resolution); the
   asymmetric branch uses Asymmetric_VQGAN's name ``decoder.encoder.layers.N``. Metadata:
@@ -97,8 +100,22 @@ def diffusers_to_ldm(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def identity_quant_convs(cfg: VAEConfig) -> dict[str, np.ndarray]:
+    """Exact identity 1x1 convs for the quant convs a family lacks (torch layout)."""
+    out = {}
+    for name, flag, channels in (("quant_conv", cfg.use_quant_conv, 2 * cfg.latent_channels),
+                                 ("post_quant_conv", cfg.use_post_quant_conv, cfg.latent_channels)):
+        if not flag:
+            out[f"{name}.weight"] = np.eye(channels, dtype=np.float32)[:, :, None, None]
+            out[f"{name}.bias"] = np.zeros(channels, np.float32)
+    return out
+
+
 def write_diffusers(dst: str, tensors: dict[str, np.ndarray], cfg: VAEConfig) -> str:
     config = cfg.to_diffusers_config()  # raises before anything is written if it cannot be expressed
+    if cfg.asymmetric:
+        dtype = next(iter(tensors.values())).dtype
+        tensors = {**tensors, **{k: v.astype(dtype) for k, v in identity_quant_convs(cfg).items()}}
     config["_diffusers_version"] = _diffusers_version()
     with atomic_output(dst, is_dir=True) as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:

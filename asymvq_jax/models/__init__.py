@@ -2,7 +2,7 @@
 
 from asymvq_jax.models.autoencoder import AutoencoderKL, DiagonalGaussian
 from asymvq_jax.models.condition import MaskConditionEncoder, blend
-from asymvq_jax.models.config import PRESETS, VAEConfig, preset
+from asymvq_jax.models.config import FAMILIES, PRESETS, VAEConfig, family, preset
 from asymvq_jax.models.decoder import Decoder
 from asymvq_jax.models.encoder import Encoder
 

@@ -1,4 +1,5 @@
-"""AutoencoderKL: frozen SD encoder, quant convs, diagonal Gaussian posterior, (asymmetric) decoder."""
+"""AutoencoderKL: frozen encoder, quant convs (families that have them), diagonal Gaussian posterior,
+(asymmetric) decoder."""
 
 import flax.struct
 import jax
@@ -45,8 +46,10 @@ class AutoencoderKL(nnx.Module):
         make = LayerFactory(dtype, param_dtype)
         self.config = config
         self.encoder = Encoder(config, make, rngs, remat)
-        self.quant_conv = make.conv(2 * config.latent_channels, 2 * config.latent_channels, 1, rngs)
-        self.post_quant_conv = make.conv(config.latent_channels, config.latent_channels, 1, rngs)
+        self.quant_conv = (make.conv(2 * config.latent_channels, 2 * config.latent_channels, 1, rngs)
+                           if config.use_quant_conv else None)
+        self.post_quant_conv = (make.conv(config.latent_channels, config.latent_channels, 1, rngs)
+                                if config.use_post_quant_conv else None)
         self.decoder = Decoder(config, make, rngs, remat)
 
     @property
@@ -56,17 +59,27 @@ class AutoencoderKL(nnx.Module):
     def encode(self, x) -> DiagonalGaussian:
         if x.ndim != 4 or x.shape[-1] != self.config.in_channels:
             raise ValueError(f"encode expects [B, H, W, {self.config.in_channels}] images, got shape {x.shape}")
-        return DiagonalGaussian.from_moments(self.quant_conv(self.encoder(x)))
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian.from_moments(moments)
 
     def decode(self, z, image=None, mask=None):
         """Latent -> image. With image and mask, the known region (mask 0) is guided by the image."""
         image, mask = self._check_condition(z, image, mask)
-        return self.decoder(self.post_quant_conv(z), image, mask)
+        return self.decoder(self.post_quant(z), image, mask)
 
     def decoder_features(self, z, image=None, mask=None):
         """The decoder up to (not including) conv_out; see `Decoder.features`."""
         image, mask = self._check_condition(z, image, mask)
-        return self.decoder.features(self.post_quant_conv(z), image, mask)
+        return self.decoder.features(self.post_quant(z), image, mask)
+
+    def post_quant(self, z):
+        return z if self.post_quant_conv is None else self.post_quant_conv(z)
+
+    @property
+    def compute_dtype(self):
+        return self.decoder.conv_in.dtype
 
     def __call__(self, x, mask=None, *, key=None):
         """Encode and decode x; samples the posterior when given a key, else takes its mode."""

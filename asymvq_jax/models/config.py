@@ -1,4 +1,4 @@
-"""Autoencoder configuration, the published presets, and the diffusers config.json mapping."""
+"""Autoencoder configuration, the published presets, the latent families, and the diffusers config.json mapping."""
 
 import dataclasses
 import json
@@ -32,7 +32,10 @@ def _expect(key: str, value, ok: bool, expected: str) -> None:
 class VAEConfig:
     """Shape of an SD-style KL autoencoder; `asymmetric` adds the masked-image branch.
 
-    Channel tuples are in diffusers order (high resolution first).
+    Channel tuples are in diffusers order (high resolution first). The latent family (see `FAMILIES`)
+    is `latent_channels`, the factors and the quant convs: SD3 and FLUX have no 1x1 convs around
+    the latent, so `use_quant_conv`/`use_post_quant_conv` false leaves them out of the model.
+    Scaled latents, as diffusion models see them, are `(z - shift_factor) * scaling_factor`.
     """
     in_channels: int = 3
     out_channels: int = 3
@@ -44,6 +47,8 @@ class VAEConfig:
     norm_num_groups: int = 32
     scaling_factor: float = 0.18215
     shift_factor: float | None = None
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
     asymmetric: bool = True
 
     def __post_init__(self):
@@ -64,7 +69,8 @@ class VAEConfig:
                 "a positive finite number")
         _expect("shift_factor", self.shift_factor, self.shift_factor is None or _is_number(self.shift_factor),
                 "a finite number or null")
-        _expect("asymmetric", self.asymmetric, isinstance(self.asymmetric, bool), "true or false")
+        for name in ("use_quant_conv", "use_post_quant_conv", "asymmetric"):
+            _expect(name, getattr(self, name), isinstance(getattr(self, name), bool), "true or false")
         if self.asymmetric and len(self.up_block_out_channels) != 4:
             # The branch has a fixed stride of 16: features at H, H, H/2, H/4, H/8.
             raise ConfigError(f"up_block_out_channels={list(self.up_block_out_channels)}: expected 4 levels for "
@@ -84,6 +90,21 @@ class VAEConfig:
     def replace(self, **changes) -> "VAEConfig":
         return dataclasses.replace(self, **changes)
 
+    @property
+    def family(self) -> str:
+        """The known family whose latents these are (`FAMILIES`), or "custom"."""
+        for name, fam in FAMILIES.items():
+            if all(getattr(self, k) == v for k, v in fam.items()):
+                return name
+        return "custom"
+
+    def scale(self, z):
+        """Unscaled latents -> the scaled latents a diffusion model works in."""
+        return (z - (self.shift_factor or 0.0)) * self.scaling_factor
+
+    def unscale(self, z):
+        return z / self.scaling_factor + (self.shift_factor or 0.0)
+
     # -- diffusers config.json --------------------------------------------------------------
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -94,14 +115,20 @@ class VAEConfig:
                "down_block_types": ["DownEncoderBlock2D"] * len(down),
                "up_block_types": ["UpDecoderBlock2D"] * len(up)}
         if self.asymmetric:
+            # AsymmetricAutoencoderKL always has quant convs (a family without them is exported with
+            # identity ones) and no shift_factor: it ignores these keys, which are kept for readers
+            # (our import, and users: FLUX/SD3 pipelines read vae.config.shift_factor).
             return {"_class_name": "AsymmetricAutoencoderKL", **out,
                     "down_block_out_channels": list(down), "layers_per_down_block": self.layers_per_down_block,
-                    "up_block_out_channels": list(up), "layers_per_up_block": self.layers_per_up_block}
+                    "up_block_out_channels": list(up), "layers_per_up_block": self.layers_per_up_block,
+                    "shift_factor": self.shift_factor, "use_quant_conv": self.use_quant_conv,
+                    "use_post_quant_conv": self.use_post_quant_conv}
         if down != up or self.layers_per_down_block != self.layers_per_up_block:
             raise ValueError("diffusers' AutoencoderKL has one block_out_channels/layers_per_block for both "
                              f"halves; this config differs: {self}")
         return {"_class_name": "AutoencoderKL", **out, "block_out_channels": list(down),
-                "layers_per_block": self.layers_per_down_block, "shift_factor": self.shift_factor}
+                "layers_per_block": self.layers_per_down_block, "shift_factor": self.shift_factor,
+                "use_quant_conv": self.use_quant_conv, "use_post_quant_conv": self.use_post_quant_conv}
 
     @classmethod
     def from_diffusers_config(cls, cfg: dict[str, Any]) -> "VAEConfig":
@@ -114,7 +141,9 @@ class VAEConfig:
             raise ValueError(f"config.json act_fn={cfg['act_fn']!r}: only 'silu' is supported")
         common = {"in_channels": cfg.get("in_channels", 3), "out_channels": cfg.get("out_channels", 3),
                   "latent_channels": cfg.get("latent_channels", 4), "norm_num_groups": cfg.get("norm_num_groups", 32),
-                  "scaling_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor")}
+                  "scaling_factor": cfg.get("scaling_factor", 0.18215), "shift_factor": cfg.get("shift_factor"),
+                  "use_quant_conv": cfg.get("use_quant_conv", True),
+                  "use_post_quant_conv": cfg.get("use_post_quant_conv", True)}
         if kind == "AsymmetricAutoencoderKL":
             for key in ("down_block_out_channels", "up_block_out_channels"):
                 if key not in cfg:
@@ -123,12 +152,32 @@ class VAEConfig:
                        layers_per_down_block=cfg.get("layers_per_down_block", 1),
                        up_block_out_channels=cfg["up_block_out_channels"],
                        layers_per_up_block=cfg.get("layers_per_up_block", 1))
-        for flag in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
-            if cfg.get(flag, True) is False:
-                raise ValueError(f"config.json {flag}=false is not supported")
+        if cfg.get("mid_block_add_attention", True) is False:  # no published VAE family drops it
+            raise ValueError("config.json mid_block_add_attention=false is not supported")
         channels, layers = cfg.get("block_out_channels", (64,)), cfg.get("layers_per_block", 1)
         return cls(**common, asymmetric=False, down_block_out_channels=channels, layers_per_down_block=layers,
                    up_block_out_channels=channels, layers_per_up_block=layers)
+
+
+# The latent families: what a VAE's latents are to the diffusion models trained on them (diffusers'
+# config.json values). A 4-channel SD and SDXL file have the same shapes, as do SD3 and FLUX.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "sd": dict(latent_channels=4, scaling_factor=0.18215, shift_factor=None, use_quant_conv=True,
+               use_post_quant_conv=True),
+    "sdxl": dict(latent_channels=4, scaling_factor=0.13025, shift_factor=None, use_quant_conv=True,
+                 use_post_quant_conv=True),
+    "sd3": dict(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                use_post_quant_conv=False),
+    "flux": dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                 use_post_quant_conv=False),
+}
+
+
+def family(name: str) -> dict[str, Any]:
+    """The config fields of a latent family (`FAMILIES`)."""
+    if name not in FAMILIES:
+        raise ValueError(f"unknown family {name!r}; known: {', '.join(FAMILIES)}")
+    return dict(FAMILIES[name])
 
 
 _SD = VAEConfig(asymmetric=False)

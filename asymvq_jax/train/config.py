@@ -13,10 +13,15 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = ml_collections.ConfigDict({"preset": "asym-base", "overrides": {}})
-    c.init_from = ""                 # any checkpoint from_pretrained reads; "" = from scratch
+    c.init_from = ""                 # any checkpoint from_pretrained reads; "" = from scratch. Its encoder,
+                                     # latent channels, quant convs and factors are kept; the preset names the decoder
+    c.init_family = ""               # sd|sdxl|sd3|flux: the family of a single-file init_from without a config
     c.init_decoder = True            # False: init_from gives the frozen parts only, the decoder starts fresh
     c.pretrained_lr_mult = 0.1       # decoder parameters taken from init_from; the new branch gets 1x
-    c.train_encoder = False          # True: the whole autoencoder trains (LDM's first stage), KL included
+    c.train_encoder = False          # True: the whole autoencoder trains (LDM's first stage), KL included;
+                                     # it ends by measuring its scaling_factor (1 / latent std) on the training data
+    c.measure_shift = False          # ... and its shift_factor (the latent mean), as SD3 and FLUX did
+    c.factor_batches = 8             # training batches those factors are measured on
     c.random_encoder = False         # True: a decoder-only run without init_from, against a random frozen
                                      # encoder, on purpose (tests, runlocal); otherwise that run is refused
     c.dtype, c.param_dtype = "float32", "float32"   # compute, storage (and optimizer state)

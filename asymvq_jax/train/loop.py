@@ -14,7 +14,7 @@ from asymvq_jax import checkpoint, parallel, paths
 from asymvq_jax.data import held_out_batch, make_source, make_train_iterator
 from asymvq_jax.evaluate import make_train_evaluator
 from asymvq_jax.metrics import pre_error
-from asymvq_jax.train import logs
+from asymvq_jax.train import factors, logs
 from asymvq_jax.train.config import derived
 from asymvq_jax.train.state import build, count, model_config
 from asymvq_jax.train.step import make_sample_fn, make_train_step
@@ -156,7 +156,19 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         if stop:
             break
     flush()
+    if config.get("train_encoder") and not preempted.requested:
+        write_factors(config, workdir, mesh, graphdefs, state, consts)
     return last
+
+
+def write_factors(config, workdir, mesh, graphdefs, state, consts) -> None:
+    """A whole autoencoder's own latent factors (`factors.measure`) into its model config, and so its exports."""
+    scaling, shift = factors.measure(config, graphdefs["vae"], state.get("ema", state["params"]), consts["frozen"],
+                                     mesh, start_step=config.total_steps)
+    if jax.process_index() == 0:
+        checkpoint.write_model_config(workdir, model_config(config).replace(scaling_factor=scaling, shift_factor=shift))
+    print(f"measured latent factors on {config.get('factor_batches', 8)} training batches: "
+          f"scaling_factor={scaling:.6g} shift_factor={shift if shift is None else f'{shift:.6g}'}", flush=True)
 
 
 def sample_path(workdir: str, step: int) -> str:

@@ -6,6 +6,7 @@ a separate tree that no optimizer sees and that the step never returns, so it ca
 Everything is described abstractly first and created straight into its shardings.
 """
 
+import functools
 import logging
 
 import jax
@@ -27,8 +28,39 @@ def trainable(config):
     return nnx.Param if config.get("train_encoder", False) else nnx.All(nnx.Param, DECODER)
 
 
+# What the encoder, and with it the latents, is made of: it comes from init_from, never the preset.
+ENCODER_FIELDS = ("in_channels", "down_block_out_channels", "layers_per_down_block", "latent_channels",
+                  "norm_num_groups", "scaling_factor", "shift_factor", "use_quant_conv", "use_post_quant_conv")
+
+
 def model_config(config) -> VAEConfig:
-    return preset(config.model.preset, **config.model.get("overrides", {}))
+    """The preset (and overrides) names the decoder; with init_from, the encoder and the latent family
+    (widths, latent channels, quant convs, factors) are the checkpoint's."""
+    overrides = dict(config.model.get("overrides", {}))
+    cfg = preset(config.model.preset, **overrides)
+    if not config.get("init_from"):
+        return cfg
+    source = source_config(config.init_from, config.get("init_family") or None)
+    clash = [f"{f}={overrides[f]!r} (init_from has {getattr(source, f)!r})" for f in ENCODER_FIELDS
+             if f in overrides and getattr(cfg, f) != getattr(source, f)]
+    if clash:
+        raise ValueError(f"model.overrides {', '.join(clash)}: the encoder comes from init_from={config.init_from}")
+    return cfg.replace(**{f: getattr(source, f) for f in ENCODER_FIELDS})
+
+
+def source_config(path: str, family: str | None = None) -> VAEConfig:
+    """The config of a training workdir or of any checkpoint from_pretrained reads."""
+    from asymvq_jax import checkpoint
+    if checkpoint.is_workdir(path):
+        return checkpoint.read_model_config(path)
+    return _checkpoint_config(path, family)
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_config(path: str, family: str | None) -> VAEConfig:
+    # Cached: a checkpoint is read whole (a full SD file is GBs), and the config is asked for repeatedly.
+    from asymvq_jax.convert.readers import read_checkpoint
+    return read_checkpoint(path, family=family).config
 
 
 def dtypes(config):
@@ -101,13 +133,13 @@ def fresh_trees(config):
     return {"vae": vae_def, "disc": disc_def}, trees
 
 
-def read_source(path: str) -> dict[tuple, np.ndarray]:
+def read_source(path: str, family: str | None = None) -> dict[tuple, np.ndarray]:
     """The parameters (host memory) of a training workdir (latest step) or any checkpoint
-    from_pretrained reads."""
+    from_pretrained reads (`family`: of a single file without a config)."""
     from asymvq_jax import checkpoint
     from asymvq_jax.convert.api import read_params
     if not checkpoint.is_workdir(path):
-        return read_params(path)[1]
+        return read_params(path, family=family)[1]
     flat = nnx.to_flat_state(nnx.state(checkpoint.load_model(path), nnx.Param))
     return {key_path(k): np.asarray(v[...]) for k, v in flat}
 
@@ -117,7 +149,7 @@ def pretrained_source(config, trees) -> tuple[dict[tuple, np.ndarray], set[str]]
     trainable ones among them. The frozen parts must all fit; trainable parameters that do not
     stay fresh (e.g. a new branch), and with `init_decoder` False all of them do (the authors'
     x1.5 and x2 decoders take nothing from SD, even where a shape matches)."""
-    source, fits, fresh, pretrained = read_source(config.init_from), {}, [], set()
+    source, fits, fresh, pretrained = read_source(config.init_from, config.get("init_family") or None), {}, [], set()
     load_trained = config.get("init_decoder", True)
     for trains, tree in ((True, trees["params"]), (False, trees["frozen"])):
         for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
