@@ -26,6 +26,7 @@ def _flat(vae, prefix):
             if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):  # noqa: F811
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
@@ -91,6 +92,7 @@ def checkpoint_free_model(overrides):
     return random_model(preset("sd", **{**overrides, **FAMILIES["sd3"]}))
 
 
+@pytest.mark.slow
 def test_full_autoencoder_run_measures_its_factors(assets, tmp_path):  # noqa: F811
     c = config(assets, train_encoder=True, measure_shift=True, total_steps=2, factor_batches=2, eval_every=0,
                **{"model.preset": "sd"})
