@@ -14,7 +14,7 @@ from asymvq_jax import checkpoint, from_pretrained, save_pretrained
 from asymvq_jax.data import batch_for_step
 from asymvq_jax.models import FAMILIES
 from asymvq_jax.train.loop import train
-from tests.test_train import TINY, assets, config  # noqa: F401  (assets: a fixture)
+from tests.test_train import TINY, config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, RTOL = 2e-4, 1e-3
@@ -27,7 +27,7 @@ def _flat(vae, prefix):
 
 
 @pytest.mark.slow
-def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):  # noqa: F811
+def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     # A random FLUX-configured VAE with the tiny config's encoder widths.
@@ -74,7 +74,7 @@ def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):  # noqa: F811
     np.testing.assert_allclose(guided, ours, atol=ATOL, rtol=RTOL)
 
 
-def test_encoder_overrides_that_disagree_with_init_from_are_refused(assets, tmp_path):  # noqa: F811
+def test_encoder_overrides_that_disagree_with_init_from_are_refused(assets, tmp_path):
     from asymvq_jax.train.state import model_config
     c = config(assets)
     vae = checkpoint_free_model(c.model.overrides)
@@ -93,7 +93,7 @@ def checkpoint_free_model(overrides):
 
 
 @pytest.mark.slow
-def test_full_autoencoder_run_measures_its_factors(assets, tmp_path):  # noqa: F811
+def test_full_autoencoder_run_measures_its_factors(assets, tmp_path):
     c = config(assets, train_encoder=True, measure_shift=True, total_steps=2, factor_batches=2, eval_every=0,
                **{"model.preset": "sd"})
     workdir = str(tmp_path / "ae")
