@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--save_fid_stats", default="", help="write the evaluated images' statistics here (.npz)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of workdir decoders (default latest)")
     p.add_argument("--allow_pickle", action="store_true", help="read .ckpt/.bin checkpoints (pickles)")
+    p.add_argument("--family", default=None, choices=("sd", "sdxl", "sd3", "flux"),
+                   help="the latent family of decoder files without a config (e.g. FLUX's ae.safetensors)")
     p.add_argument("--grids", type=int, default=8, help="worst and best examples shown per decoder")
     p.add_argument("--out", default="runs/eval")
     p.add_argument("--force", action="store_true", help="write into an existing OUT that is not an earlier eval's "
@@ -75,7 +77,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     check_out(args)
-    decoders = [evaluate.load_decoder(p, step=args.step, allow_pickle=args.allow_pickle) for p in args.decoder]
+    decoders = [evaluate.load_decoder(p, step=args.step, allow_pickle=args.allow_pickle, family=args.family)
+                for p in args.decoder]
     images = evaluate.dataset_images(args.data, args.limit)
     masks = load_masks(default_masks(args.image_size) if not args.masks else args.masks, args.image_size)
     results = evaluate.evaluate(

@@ -40,15 +40,17 @@ class Decoder:
         return side, side, self.config.latent_channels
 
 
-def load_decoder(path: str, *, step: int | None = None, allow_pickle: bool = False) -> Decoder:
-    """Any checkpoint `from_pretrained` reads, or a training workdir (latest step, EMA if kept)."""
+def load_decoder(path: str, *, step: int | None = None, allow_pickle: bool = False, family: str | None = None
+                 ) -> Decoder:
+    """Any checkpoint `from_pretrained` reads, or a training workdir (latest step, EMA if kept).
+    `family`: the latent family of a single file without a config (FLUX's ae.safetensors: "flux")."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"decoder {path!r} does not exist (a checkpoint file or folder, or a training workdir)")
     if checkpoint.is_workdir(path):
         vae = checkpoint.load_model(path, step=step)
     else:
         from asymvq_jax.convert import from_pretrained
-        vae = from_pretrained(path, allow_pickle=allow_pickle)
+        vae = from_pretrained(path, allow_pickle=allow_pickle, family=family)
     graphdef, state = nnx.split(vae)
     return Decoder(os.path.basename(os.path.normpath(path)), graphdef, (state,), vae.config)
 

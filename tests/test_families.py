@@ -257,3 +257,33 @@ def test_scaled_and_packed_latents_decode_as_unscaled(name, tmp_path):
     for i in range(2):
         a, b = (np.asarray(Image.open(tmp_path / f"{s}_{i}.png"), np.int32) for s in "ab")
         assert a.shape == (48, 64, 3) and np.abs(a - b).max() <= 1  # float noise may flip a rounding
+
+
+@pytest.mark.slow
+def test_eval_compares_a_flux_vae_with_an_asymmetric_flux_decoder(tmp_path):
+    """eval.py --family flux: FLUX's own file (BFL layout) as the plain baseline against an asymmetric
+    decoder built on the same encoder and decoder, whose plain decode must score the same."""
+    import eval as eval_cli
+
+    from asymvq_jax.convert import build_model, model_params
+    from tests.test_inference import random_model
+    widths = dict(down_block_out_channels=(32, 32, 64, 64), layers_per_down_block=1,
+                  up_block_out_channels=(32, 64, 64, 64), layers_per_up_block=1, **FAMILIES["flux"])
+    plain = random_model(VAEConfig(**widths, asymmetric=False), seed=9)
+    save_pretrained(plain, tmp_path / "ae.safetensors", format="ldm")
+    asym_cfg = VAEConfig(**widths)
+    branch = {p: v for p, v in model_params(random_model(asym_cfg, seed=10)).items() if "condition_encoder" in p}
+    save_pretrained(build_model(asym_cfg, {**model_params(plain), **branch}), tmp_path / "asym", format="asymvq")
+    # The file alone has no config; ours says flux (tests/test_families.py: single files need the choice).
+    from safetensors.numpy import load_file, save_file
+    save_file(load_file(tmp_path / "ae.safetensors"), tmp_path / "bare.safetensors")  # no asymvq metadata
+    args = ["--decoder", str(tmp_path / "bare.safetensors"), "--decoder", str(tmp_path / "asym"),
+            "--data", "bundled_photos", "--limit", "2", "--image_size", "32", "--batch_size", "2", "--lpips", "",
+            "--fid_inception", "", "--grids", "1"]
+    with pytest.raises(UnknownFormatError, match="sd3 and flux"):
+        eval_cli.main(args + ["--out", str(tmp_path / "no")])
+    results = eval_cli.main(args + ["--family", "flux", "--out", str(tmp_path / "eval")])
+    rows = results["decoders"]
+    assert set(rows["asym"]) == {"plain", "guided"} and set(rows["bare.safetensors"]) == {"plain"}
+    for metric, value in rows["bare.safetensors"]["plain"].items():
+        assert rows["asym"]["plain"][metric] == pytest.approx(value, rel=1e-4, abs=1e-6), metric

@@ -116,13 +116,13 @@ class VAEConfig:
                "up_block_types": ["UpDecoderBlock2D"] * len(up)}
         if self.asymmetric:
             # AsymmetricAutoencoderKL always has quant convs (a family without them is exported with
-            # identity ones) and no shift_factor: it ignores these keys, which are kept for readers
-            # (our import, and users: FLUX/SD3 pipelines read vae.config.shift_factor).
+            # identity ones) and no shift_factor: it ignores these keys (with a warning), written only when
+            # they say something, for readers (our import, and users: FLUX/SD3 pipelines read shift_factor).
+            kept = {} if self.shift_factor is None else {"shift_factor": self.shift_factor}
+            kept.update({k: False for k in ("use_quant_conv", "use_post_quant_conv") if not getattr(self, k)})
             return {"_class_name": "AsymmetricAutoencoderKL", **out,
                     "down_block_out_channels": list(down), "layers_per_down_block": self.layers_per_down_block,
-                    "up_block_out_channels": list(up), "layers_per_up_block": self.layers_per_up_block,
-                    "shift_factor": self.shift_factor, "use_quant_conv": self.use_quant_conv,
-                    "use_post_quant_conv": self.use_post_quant_conv}
+                    "up_block_out_channels": list(up), "layers_per_up_block": self.layers_per_up_block, **kept}
         if down != up or self.layers_per_down_block != self.layers_per_up_block:
             raise ValueError("diffusers' AutoencoderKL has one block_out_channels/layers_per_block for both "
                              f"halves; this config differs: {self}")
