@@ -6,6 +6,7 @@ once per model structure, input shape and dtype, and every later call of that sh
 
 import functools
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -143,54 +144,69 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
         raise ValueError(f"tile overlap must be in [1, tile/2]; got tile={tile}, overlap={overlap}")
     dtype = compute_dtype(vae)
     z = jnp.asarray(z, dtype)
-    b, h, w, _ = z.shape
     if image is not None or mask is not None:
         image, mask = (np.asarray(a) for a in vae._check_condition(z, jnp.asarray(image, dtype),
                                                                    jnp.asarray(mask, dtype)))
     mid = np.asarray(_decode_mid(*nnx.split(vae), z))
-    s = vae.downscale
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    tiles = [(y, x, rows, cols) for y, rows in zip(ys, core_bounds(ys, th, h))
-             for x, cols in zip(xs, core_bounds(xs, tw, w))]
-    cores = []
-    for y, x, (y0, y1), (x0, x1) in tiles:
-        cores.append(np.zeros((th, tw), np.float32))
-        cores[-1][y0 - y:y1 - y, x0 - x:x1 - x] = 1
-    pixels = [np.s_[:, y * s:(y + th) * s, x * s:(x + tw) * s] for y, x, _, _ in tiles]
-    carries = [mid[:, y:y + th, x:x + tw] for y, x, _, _ in tiles]
+    tiles, s = _tiles(z.shape[1], z.shape[2], tile, overlap), vae.downscale
+    carries = [mid[:, t.y:t.y + t.core.shape[0], t.x:t.x + t.core.shape[1]] for t in tiles]
     kept = [{} for _ in tiles]  # each tile's branch features below full resolution, by level, until blended
-    decoder = nnx.split(vae.decoder)
-    segments = vae.decoder.segments()
+    decoder, segments = nnx.split(vae.decoder), vae.decoder.segments()
     bar = _progress(len(segments) * len(tiles), progress, "tile segments")
     stats = None
     for segment in segments:
         graphdef, state = nnx.split(segment.modules)
         moments = []
-        for t in range(len(tiles)):
+        for i, t in enumerate(tiles):
             cond = tile_mask = None
             if image is not None and segment.level is not None:
-                tile_image, tile_mask = image[pixels[t]], mask[pixels[t]]
-                if segment.level in kept[t]:
-                    cond = kept[t].pop(segment.level)
-                else:  # the first blend, or a full-resolution feature (recomputed: one or two convs)
-                    features = _branch_features(*decoder, tile_image, tile_mask)
-                    cond = features[segment.level]
-                    kept[t] |= {level: np.asarray(f) for level, f in enumerate(features)
-                                if level > segment.level and f.shape[1] < tile_image.shape[1]}
-            carry, m = _tile_segment(segment.run, graphdef, vae.config.norm_num_groups, state, carries[t], stats,
-                                     cond, tile_mask, cores[t])
-            carries[t] = jax.tree.map(np.asarray, carry)  # on the host between segments: device memory follows the tile
+                pixels = np.s_[:, t.y * s:(t.y + t.core.shape[0]) * s, t.x * s:(t.x + t.core.shape[1]) * s]
+                tile_mask = mask[pixels]
+                cond = _feature(decoder, kept[i], segment.level, image[pixels], tile_mask)
+            carry, m = _tile_segment(segment.run, graphdef, vae.config.norm_num_groups, state, carries[i], stats,
+                                     cond, tile_mask, t.core)
+            carries[i] = jax.tree.map(np.asarray, carry)  # on the host between segments: device memory follows the tile
             moments.append(m)
             bar.update()
         stats = _global_stats(moments)
     bar.close()
     conv_out = nnx.split(vae.decoder.conv_out)
-    out = np.zeros((b, h * s, w * s, vae.config.out_channels), np.float32)
-    for (y, x, (y0, y1), (x0, x1)), carry in zip(tiles, carries):
+    out = np.zeros((z.shape[0], z.shape[1] * s, z.shape[2] * s, vae.config.out_channels), np.float32)
+    for t, carry in zip(tiles, carries):
+        (y0, y1), (x0, x1) = t.rows, t.cols
         tile_out = np.asarray(_apply(*conv_out, carry))
-        out[:, y0 * s:y1 * s, x0 * s:x1 * s] = tile_out[:, (y0 - y) * s:(y1 - y) * s, (x0 - x) * s:(x1 - x) * s]
+        out[:, y0 * s:y1 * s, x0 * s:x1 * s] = tile_out[:, (y0 - t.y) * s:(y1 - t.y) * s, (x0 - t.x) * s:(x1 - t.x) * s]
     return out
+
+
+class _Tile(NamedTuple):
+    y: int  # where the tile starts, in latent pixels
+    x: int
+    rows: tuple[int, int]  # its core, the part of the output it gives
+    cols: tuple[int, int]
+    core: np.ndarray  # [tile h, tile w]: 1 in the core, 0 in the context around it
+
+
+def _tiles(h: int, w: int, tile: int, overlap: int) -> list[_Tile]:
+    th, tw = min(tile, h), min(tile, w)
+    ys, xs = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    tiles = []
+    for y, (y0, y1) in zip(ys, core_bounds(ys, th, h)):
+        for x, (x0, x1) in zip(xs, core_bounds(xs, tw, w)):
+            core = np.zeros((th, tw), np.float32)
+            core[y0 - y:y1 - y, x0 - x:x1 - x] = 1
+            tiles.append(_Tile(y, x, (y0, y1), (x0, x1), core))
+    return tiles
+
+
+def _feature(decoder, kept: dict, level: int, image, mask):
+    """One tile's branch feature at `level`: kept from its first blend if below full resolution, else
+    computed (again, at full resolution: one or two convs from the image)."""
+    if level in kept:
+        return kept.pop(level)
+    features = _branch_features(*decoder, image, mask)
+    kept |= {k: np.asarray(f) for k, f in enumerate(features) if k > level and f.shape[1] < image.shape[1]}
+    return features[level]
 
 
 def _progress(total: int, enabled: bool, unit: str):
