@@ -85,9 +85,9 @@ def _check_structure(where, meta, target) -> None:
     state holds follows from them."""
     def parts(tree):
         train = tree.get("train", {})
-        return {**{f"train.{k}": None for k in train}, **{f"train.params.{k}": None for k in flatten(train.get("params", {}))},
-                **{f"frozen.{k}": None for k in flatten(tree.get("frozen") or {})}}
-    saved, wanted = set(parts(meta)), set(parts(target))
+        return ({f"train.{k}" for k in train} | {f"train.params.{k}" for k in flatten(train.get("params", {}))}
+                | {f"frozen.{k}" for k in flatten(tree.get("frozen") or {})})
+    saved, wanted = parts(meta), parts(target)
     if saved != wanted:
         only_saved, only_wanted = sorted(saved - wanted), sorted(wanted - saved)
         raise CheckpointError(

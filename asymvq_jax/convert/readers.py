@@ -394,7 +394,8 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
         raise UnknownFormatError(f"{weights}: holds no tensors")
     if json_cfg is None and "asymvq_config" in metadata:
         try:
-            json_cfg = config_from_json(json.loads(metadata["asymvq_config"]), f"{weights} (metadata asymvq_config)")
+            json_cfg = config_from_json(json.loads(metadata["asymvq_config"]),
+                                        f"{weights} (metadata asymvq_config)")
         except json.JSONDecodeError as e:
             raise CorruptFileError(f"{weights}: bad asymvq_config metadata: {e}") from e
     layout = detect_layout(tensors)

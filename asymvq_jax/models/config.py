@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import numbers
 from typing import Any
 
 
@@ -11,11 +12,11 @@ class ConfigError(ValueError):
 
 
 def _is_count(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _short(v) -> str:
@@ -147,7 +148,8 @@ class VAEConfig:
         if kind == "AsymmetricAutoencoderKL":
             for key in ("down_block_out_channels", "up_block_out_channels"):
                 if key not in cfg:
-                    raise ConfigError(f"missing key {key}: expected a list of channel counts, e.g. [128, 256, 512, 512]")
+                    raise ConfigError(f"missing key {key}: expected a list of channel counts, "
+                                      "e.g. [128, 256, 512, 512]")
             return cls(**common, asymmetric=True, down_block_out_channels=cfg["down_block_out_channels"],
                        layers_per_down_block=cfg.get("layers_per_down_block", 1),
                        up_block_out_channels=cfg["up_block_out_channels"],
