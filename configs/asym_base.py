@@ -12,5 +12,6 @@ def get_config(arg=None):
     c = default_config()
     c.model.preset = "asym-base"
     c.init_from = arg or ""  # e.g. --config=configs/asym_base.py:/path/to/sd-vae (diffusers folder or file)
+    c.loss.gan_group_size = 10  # one GPU's images: the adaptive weight and disc statistics per GPU
     c.data.num_images = AUTHORS_IMAGENET_SUBSET  # the horizon counts the authors' 12 epochs of it
     return c

@@ -9,5 +9,6 @@ def get_config(arg=None):
     c.init_from = arg or ""  # the SD VAE: the frozen encoder comes from it
     c.init_decoder = False   # and nothing else: the whole decoder is new and trains at 1x, as the authors'
     c.batch_size = 16        # 8 GPUs x 2
+    c.loss.gan_group_size = 2  # one GPU's images: the adaptive weight and disc statistics per GPU
     c.data.num_images = AUTHORS_IMAGENET_SUBSET  # the horizon counts the authors' 12 epochs of it
     return c

@@ -8,8 +8,10 @@ py=.venv/bin/python
 $py -m pip install -q --upgrade pip
 if [ "${1:-}" = test ]; then
   $py -m pip install -q -e ".[test]"
-  # lpips' and pytorch-fid's requirements would pull a CUDA torch: take the packages alone.
-  $py -m pip install -q --no-deps lpips==0.1.4 pytorch-fid==0.3.0 torchvision==0.28.0
+  # lpips' and pytorch-fid's requirements would pull a CUDA torch: take the packages alone. taming's
+  # discriminator and GAN losses (what the authors import) referee ours; its own pins are from 2021.
+  $py -m pip install -q --no-deps lpips==0.1.4 pytorch-fid==0.3.0 torchvision==0.28.0 \
+    taming-transformers-rom1504==0.0.6
   # PyPI's torchvision is built for CUDA torch: its compiled ops do not load beside the CPU torch,
   # and its import then fails registering them. The references need only its Python models, so
   # in this test environment every process skips those registrations.

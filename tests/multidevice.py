@@ -81,6 +81,79 @@ def steps(out: str, photos: str, lpips: str) -> None:
         json.dump(report, f)
 
 
+def authors_ddp_grads(config, graphdefs, state, consts, batch, group: int):
+    """The authors' DDP arithmetic, written out: each GPU (a group of `group` images) decodes its own
+    images, takes its adaptive weight from two full gradients w.r.t. conv_out's kernel, with the
+    discriminator's statistics over its images alone, then the gradient of its own total loss; DDP
+    averages the GPUs' gradients. GAN on (factor 1), posterior noise as the step draws it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from asymvq_jax.losses import gan
+    from asymvq_jax.train.state import merge_vae
+    loss = config.loss
+    x, mask, params = batch["image"], batch["mask"], state["params"]
+    lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
+    key = jax.random.fold_in(jax.random.key(config.seed), 0)
+
+    def gpu_terms(p, k):
+        own = lambda a: jax.lax.dynamic_slice_in_dim(a, k * group, group)  # noqa: E731
+        vae = merge_vae(graphdefs["vae"], p, consts["frozen"])
+        post = vae.encode(x)  # per image: encoding the batch and slicing equals encoding the slice
+        x_rec = vae.decode(own(post.sample(key)), own(x), own(mask))
+        nll = gan.reconstruction_nll(own(x), x_rec, loss.perceptual_weight * lpips(own(x), x_rec))
+        g = gan.generator_loss(nnx.merge(graphdefs["disc"], state["disc"]["params"], state["disc"]["stats"])(x_rec))
+        return nll, g, jnp.mean(own(post.kl()))
+
+    def gpu_grad(k):
+        kernel = lambda f: jax.grad(f)(params)["decoder"]["conv_out"]["kernel"]  # noqa: E731
+        g_nll, g_g = kernel(lambda p: gpu_terms(p, k)[0]), kernel(lambda p: gpu_terms(p, k)[1])
+        w = loss.disc_weight * jnp.clip(jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + 1e-4), 0.0, 1e4)
+
+        def total(p):
+            nll, g, kl = gpu_terms(p, k)
+            return nll + loss.kl_weight * kl + w * g
+        return jax.grad(total)(params), w
+
+    grads, weights = jax.lax.map(gpu_grad, jnp.arange(config.batch_size // group))
+    return jax.tree.map(lambda g: jnp.mean(g, 0), grads), weights
+
+
+def groups(out: str, photos: str, lpips: str) -> None:
+    """The decoder's gradient with GAN groups of 2 (GAN on) on 1 device and on 8, and the authors'
+    DDP arithmetic on 1, saved to OUT."""
+    import jax
+    import numpy as np
+
+    from asymvq_jax import checkpoint, parallel
+    from asymvq_jax.data import batch_for_step
+    from asymvq_jax.train.loop import shardings
+    from asymvq_jax.train.state import build
+    from asymvq_jax.train.step import make_decoder_grads
+
+    config = tiny(photos, lpips, **{"loss.gan_group_size": 2, "loss.disc_start": 0})
+    batch = batch_for_step(config, 0, process_index=0, process_count=1)
+    weights = {}
+    for name in ("1", "8x1"):
+        count, sizes = MESHES[name]
+        mesh = parallel.make_mesh(sizes, jax.devices()[:count])
+        graphdefs, state, consts, _, _ = build(config, mesh)
+        grads_fn = jax.jit(make_decoder_grads(config, graphdefs),
+                           in_shardings=(shardings(state), shardings(consts), parallel.batch_sharding(mesh)),
+                           out_shardings=parallel.replicated(mesh))
+        grads, _, terms = grads_fn(state, consts, parallel.global_batch(batch, mesh))
+        np.savez(os.path.join(out, f"grads_{name}.npz"), **checkpoint.flatten(jax.device_get(grads)))
+        weights[name] = float(terms["d_weight"])
+        if name == "1":
+            ddp, per_gpu = jax.jit(lambda *a: authors_ddp_grads(config, graphdefs, *a, group=2))(state, consts, batch)
+            np.savez(os.path.join(out, "grads_authors.npz"), **checkpoint.flatten(jax.device_get(ddp)))
+            weights["authors"] = float(np.mean(per_gpu))
+            weights["authors_per_gpu"] = [float(w) for w in per_gpu]
+    with open(os.path.join(out, "weights.json"), "w") as f:
+        json.dump(weights, f)
+
+
 def host(record_dir: str, *train_args: str) -> None:
     """train.py, watched: what this process read (a digest per step) and whether it drew grids."""
     import hashlib
@@ -125,4 +198,4 @@ def host(record_dir: str, *train_args: str) -> None:
 
 
 if __name__ == "__main__":
-    {"steps": steps, "host": host}[sys.argv[1]](*sys.argv[2:])
+    {"steps": steps, "groups": groups, "host": host}[sys.argv[1]](*sys.argv[2:])

@@ -107,3 +107,30 @@ def test_gradients_match_torch():
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_(True)
     torch.relu(1.0 - ref(xt)).mean().backward()
     np.testing.assert_allclose(np.asarray(gx), xt.grad.numpy().transpose(0, 2, 3, 1), atol=1e-6, rtol=1e-4)
+
+
+def test_taming_referee_per_gpu_statistics_and_losses():
+    """taming-transformers (what the authors import) as a third-party referee, same weights and inputs:
+    our discriminator with groups of 2 images equals theirs run on each GPU's 2 images, and the hinge
+    loss and adopt_weight agree."""
+    taming = pytest.importorskip("taming.modules.discriminator.model")
+    vq = pytest.importorskip("taming.modules.losses.vqperceptual")
+    ours = NLayerDiscriminator(ndf=16, rngs=nnx.Rngs(3))
+    ref = taming.NLayerDiscriminator(input_nc=3, ndf=16, n_layers=3).train()
+    copy_into_torch(ours, ref.main)
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-1, 1, size=(4, 64, 64, 3)).astype(np.float32)
+    nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))  # noqa: E731
+    with torch.no_grad():
+        want = torch.cat([ref(nchw(x[:2])), ref(nchw(x[2:]))]).numpy().transpose(0, 2, 3, 1)
+    got = np.asarray(ours(jnp.asarray(x), group_size=2))
+    assert np.abs(want).max() > 0.1
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    # The losses on the same logits, exactly (eighths: every partial sum is exact in float32, so
+    # neither side's summation order can round).
+    real, fake = (rng.integers(-24, 24, size=want.shape) / 8).astype(np.float32), (np.round(want * 8) / 8)
+    theirs = float(vq.hinge_d_loss(torch.from_numpy(real), torch.from_numpy(fake)))
+    from asymvq_jax.losses.gan import disc_factor, hinge_d_loss
+    assert float(hinge_d_loss(jnp.asarray(real), jnp.asarray(fake))) == theirs
+    for step in (0, 50000, 50001, 50002):
+        assert float(disc_factor(step, 50001, 1.0)) == vq.adopt_weight(1.0, step, threshold=50001)

@@ -15,13 +15,12 @@ from flax import nnx
 from asymvq_jax.losses.discriminator import NLayerDiscriminator
 from asymvq_jax.losses.gan import (
     adaptive_weight_from_grads,
-    conv_out_apply,
     disc_factor,
     generator_loss,
     generator_total_loss,
+    grouped_head_grads,
     hinge_d_loss,
     reconstruction_nll,
-    weighted_head_grads,
 )
 from asymvq_jax.losses.lpips import LPIPS, expected_shapes
 from asymvq_jax.models import DiagonalGaussian
@@ -79,30 +78,37 @@ def _group_norm(h, scale, bias, groups, eps=1e-6):
     return g.reshape(b, hh, ww, c) * scale + bias
 
 
-@pytest.mark.parametrize("factor", [1.0, 0.0])
-def test_head_gradients_equal_naive_full_gradients(factor):
-    """The train step's one-pass gradient against the naive form: the adaptive weight from two
-    full gradients w.r.t. the conv_out kernel, then the full gradient of the total loss."""
+def conv(h, kernel, bias):
+    return jax.lax.conv_general_dilated(h, kernel, (1, 1), ((1, 1), (1, 1)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
+
+
+@pytest.mark.parametrize("factor, group", [(1.0, 2), (1.0, 4)])  # 4: one group, the whole batch
+def test_grouped_head_gradients_equal_the_authors_ddp_arithmetic(factor, group):
+    """The train step's one-pass gradient against the authors' DDP arithmetic, computed naively: each
+    group (one GPU) takes its adaptive weight from two full gradients of its own losses w.r.t. the
+    conv_out kernel, with the discriminator's statistics over its own images, then the gradient of
+    its own total loss; the update is the mean of the groups' gradients."""
     key = jax.random.PRNGKey(0)
     ks = jax.random.split(key, 8)
-    cin, cmid = 4, 16
+    cin, cmid, batch = 4, 16, 4
     params = {
         "conv_in_k": jax.random.normal(ks[0], (3, 3, cin, cmid)) * 0.3,
         "conv_in_b": jax.random.normal(ks[1], (cmid,)) * 0.1,
         "gn_s": 1.0 + 0.1 * jax.random.normal(ks[2], (cmid,)),
         "gn_b": 0.1 * jax.random.normal(ks[3], (cmid,)),
-        "conv_out_k": jax.random.normal(ks[4], (3, 3, cmid, 3)) * 0.1,
-        "conv_out_b": jax.random.normal(ks[5], (3,)) * 0.1,
+        "conv_out": {"kernel": jax.random.normal(ks[4], (3, 3, cmid, 3)) * 0.1,
+                     "bias": jax.random.normal(ks[5], (3,)) * 0.1},
     }
-    z = jax.random.normal(ks[6], (2, 16, 16, cin))
-    x = jax.random.uniform(ks[7], (2, 16, 16, 3), minval=-1, maxval=1)
+    z = jax.random.normal(ks[6], (batch, 16, 16, cin))
+    x = jax.random.uniform(ks[7], (batch, 16, 16, 3), minval=-1, maxval=1)
 
-    def features(p):  # everything before conv_out
-        h = conv_out_apply(z, p["conv_in_k"], p["conv_in_b"])
+    def features(p, z):  # everything before conv_out
+        h = conv(z, p["conv_in_k"], p["conv_in_b"])
         return jax.nn.silu(_group_norm(h, p["gn_s"], p["gn_b"], groups=4))
 
-    def decoder(p):
-        return conv_out_apply(features(p), p["conv_out_k"], p["conv_out_b"])
+    def conv_out(h, q):
+        return conv(h, q["kernel"], q["bias"])
 
     rng = np.random.default_rng(0)
     lp = LPIPS({k: (rng.normal(size=s) * np.sqrt(2.0 / np.prod(s[:-1]))).astype(np.float32)
@@ -112,32 +118,42 @@ def test_head_gradients_equal_naive_full_gradients(factor):
     disc_def, disc_state = nnx.split(NLayerDiscriminator(ndf=8, rngs=nnx.Rngs(0)))  # train mode
     disc_state = nnx.to_pure_dict(disc_state)  # fresh variables at each merge: no cross-trace mutation
 
-    def nll_fn(r):
+    def nll_fn(x, r):
         return reconstruction_nll(x, r, lp(x, r))
 
-    def g_fn(r):
+    def g_fn(r):  # the discriminator sees only the images it is given: one GPU's
         return generator_loss(nnx.merge(disc_def, disc_state)(r))
 
     @jax.jit
-    def naive(p):
-        g_nll = jax.grad(lambda q: nll_fn(decoder(q)))(p)["conv_out_k"]
-        g_g = jax.grad(lambda q: g_fn(decoder(q)))(p)["conv_out_k"]
-        d_weight = factor * 0.8 * jnp.clip(jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + 1e-4), 0, 1e4)
-        total = jax.grad(lambda q: nll_fn(decoder(q)) + d_weight * factor * g_fn(decoder(q)))(p)
-        return d_weight, total
+    def authors(p):
+        grads, weights = [], []
+        for k in range(batch // group):  # one GPU each: its own images, its own weight
+            zk, xk = z[k * group:(k + 1) * group], x[k * group:(k + 1) * group]
+            decode = lambda q: conv_out(features(q, zk), q["conv_out"])  # noqa: E731
+            g_nll = jax.grad(lambda q: nll_fn(xk, decode(q)))(p)["conv_out"]["kernel"]
+            g_g = jax.grad(lambda q: g_fn(decode(q)))(p)["conv_out"]["kernel"]
+            w = factor * 0.8 * jnp.clip(jnp.linalg.norm(g_nll) / (jnp.linalg.norm(g_g) + 1e-4), 0, 1e4)
+            grads.append(jax.grad(lambda q: nll_fn(xk, decode(q)) + w * factor * g_fn(decode(q)))(p))
+            weights.append(w)
+        return jnp.stack(weights), jax.tree.map(lambda *g: sum(g) / len(g), *grads)  # DDP: all-reduce mean
 
     @jax.jit
-    def fast(p):
-        h, body_vjp = jax.vjp(features, p)
-        _, head_vjp = jax.vjp(lambda h, k, b: (nll_fn(conv_out_apply(h, k, b)), g_fn(conv_out_apply(h, k, b))),
-                              h, p["conv_out_k"], p["conv_out_b"])
-        d_weight, (gh, gk, gb) = weighted_head_grads(head_vjp, jnp.float32(factor), 0.8)
-        grads = body_vjp(gh)[0]
-        return d_weight, {**grads, "conv_out_k": gk, "conv_out_b": gb}
+    def ours(p):
+        h, body_vjp = jax.vjp(lambda q: features(q, z), p)
 
-    (want_w, want), (got_w, got) = naive(params), fast(params)
-    assert float(want_w) > 0 or factor == 0
-    np.testing.assert_allclose(float(got_w), float(want_w), rtol=1e-5, atol=1e-6)
-    for name in params:
-        scale = float(jnp.abs(want[name]).max())
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, err_msg=name)
+        def group_g(r):
+            logits = nnx.merge(disc_def, disc_state)(r, group_size=group)
+            return jax.vmap(generator_loss)(logits.reshape((batch // group, group) + logits.shape[1:]))
+
+        _, _, _, w, d_h, d_conv = grouped_head_grads(conv_out, h, p["conv_out"], lambda r: nll_fn(x, r), group_g,
+                                                     jnp.float32(factor), group, 0.8)
+        return w, {**body_vjp(d_h)[0], "conv_out": d_conv}
+
+    (want_w, want), (got_w, got) = authors(params), ours(params)
+    assert (float(want_w.min()) > 0) == (factor > 0)
+    np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
+    for path, a in jax.tree_util.tree_flatten_with_path(want)[0]:
+        b = got
+        for k in path:
+            b = b[k.key]
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * float(jnp.abs(a).max()), err_msg=str(path))

@@ -28,6 +28,33 @@ def stepped(assets, tmp_path_factory):
         return out, json.load(f)
 
 
+@pytest.fixture(scope="module")
+def grouped(assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("groups"))
+    log = os.path.join(out, "log.txt")
+    proc = multidevice.start(["-m", "tests.multidevice", "groups", out, assets["photos"], assets["lpips"]], 8, log)
+    multidevice.finish(proc, log)
+    with open(os.path.join(out, "weights.json")) as f:
+        return out, json.load(f)
+
+
+@pytest.mark.pod
+def test_gan_groups_of_2_on_8_devices_equal_1_device_and_the_authors_ddp_arithmetic(grouped):
+    """gan_group_size=2: the gradient does not depend on the mesh, and equals the mean of 4 GPUs'
+    gradients, each with its own adaptive weight and discriminator statistics (tests/multidevice.py)."""
+    out, weights = grouped
+    per_gpu = weights["authors_per_gpu"]
+    assert len(per_gpu) == 4 and max(per_gpu) > 1.05 * min(per_gpu)  # the groups' weights really differ
+    assert weights["1"] == pytest.approx(weights["authors"], rel=1e-4)
+    assert weights["8x1"] == pytest.approx(weights["1"], rel=1e-5)
+    one, eight, authors = (np.load(os.path.join(out, f"grads_{n}.npz")) for n in ("1", "8x1", "authors"))
+    assert one.files == eight.files == authors.files and len(one.files) > 50
+    for key in one.files:
+        scale = float(np.abs(authors[key]).max()) + 1e-30
+        np.testing.assert_allclose(eight[key], one[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
+        np.testing.assert_allclose(one[key], authors[key], rtol=1e-3, atol=1e-4 * scale, err_msg=key)
+
+
 @pytest.mark.pod
 @pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
 def test_one_step_on_8_devices_matches_one_device(stepped, mesh):

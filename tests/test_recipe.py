@@ -77,6 +77,9 @@ def test_x1_5_at_the_released_step_is_far_from_the_end():
 def test_lr_follows_a_batch_override(caplog):
     c = get_config("asym_base")
     c.batch_size = 32   # what --config.batch_size=32 does: it is set after get_config
+    with pytest.raises(ValueError, match=r"gan_group_size=10 does not divide batch_size=32.*--config.loss.gan_group_size"):
+        derived(c)      # base's groups of 10 (one of the authors' GPUs) do not fit 32 images
+    c.loss.gan_group_size = 8
     with caplog.at_level(logging.INFO):
         d = derived(c)
     assert d.lr == pytest.approx(1.44e-4, rel=1e-12)
@@ -88,6 +91,7 @@ def test_horizon_counts_a_folders_images(tmp_path):
     from asymvq_jax.data import sample_photos_dir
     c = get_config("asym_base")
     c.data.source, c.data.path, c.data.num_images, c.batch_size, c.epochs = "folder", sample_photos_dir(tmp_path), 0, 2, 3
+    c.loss.gan_group_size = 0
     images = len([f for f in os.listdir(c.data.path)])
     assert derived(c).total_steps == 3 * (images // 2)
 

@@ -9,13 +9,12 @@ from asymvq_jax.losses.gan import (
     KL_WEIGHT,
     PERCEPTUAL_WEIGHT,
     adaptive_weight_from_grads,
-    conv_out_apply,
     disc_factor,
     generator_loss,
     generator_total_loss,
+    grouped_head_grads,
     hinge_d_loss,
     reconstruction_nll,
-    weighted_head_grads,
 )
 from asymvq_jax.losses.lpips import (
     LPIPS,
@@ -28,7 +27,7 @@ __all__ = [
     "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "default_weights_path",
     "NLayerDiscriminator", "TorchBatchNorm",
     "DISC_START", "DISC_WEIGHT", "KL_WEIGHT", "PERCEPTUAL_WEIGHT",
-    "adaptive_weight_from_grads", "conv_out_apply", "disc_factor",
+    "adaptive_weight_from_grads", "disc_factor",
     "generator_loss", "generator_total_loss", "hinge_d_loss",
-    "reconstruction_nll", "weighted_head_grads",
+    "reconstruction_nll", "grouped_head_grads",
 ]

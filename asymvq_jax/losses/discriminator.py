@@ -18,9 +18,10 @@ training mode it normalises with the biased batch variance and updates the runni
 with momentum 0.1 (i.e. ``new = 0.9 * old + 0.1 * batch``) using the *unbiased* batch
 variance ``n / (n - 1)``, which is what torch does and what ``nnx.BatchNorm`` does not (it
 stores the biased variance); eps 1e-5.  Training vs eval follows ``use_running_average``
-so ``model.train()`` / ``model.eval()`` work as for ``nnx.BatchNorm``.  Under ``jax.jit``
-with a batch sharded over devices the means are global (XLA inserts the all-reduce), i.e.
-this behaves like SyncBatchNorm; with ``shard_map``/``pmap`` pass ``axis_name``.
+so ``model.train()`` / ``model.eval()`` work as for ``nnx.BatchNorm``.  ``group_size``
+takes the statistics per group of that many images, as each of the authors' DDP GPUs does
+(no SyncBatchNorm); 0 takes them over the whole batch, wherever its shards are under
+``jax.jit``. With ``shard_map``/``pmap`` pass ``axis_name``.
 
 Note the authors' loop calls D separately on real and on fake images in train mode, so
 batch statistics are per call and the running stats are updated once per call.

@@ -8,6 +8,8 @@ Generator (decoder) step, as in LDM::
     d_weight = ||d nll/dW|| / ||d g/dW|| * disc_weight  (W: conv_out)  # stop-gradient
     loss     = nll + 1e-6 * kl + d_weight * disc_factor(step, disc_start) * g
 
+(per group of images, as each of the authors' GPUs computes it: see grouped_head_grads)
+
 Discriminator step::
 
     d_loss = disc_factor(step, disc_start) * hinge_d_loss(D(x), D(stop_gradient(x_rec)))
@@ -48,20 +50,13 @@ def disc_factor(step: jax.Array | int, disc_start: int = DISC_START, factor: flo
 
 
 # ---------------------------------------------------------------- reconstruction / KL
-def reconstruction_nll(
-    x: jax.Array,
-    x_rec: jax.Array,
-    p_loss: jax.Array | None = None,
-    *,
-    perceptual_weight: float = PERCEPTUAL_WEIGHT,
-    logvar: jax.Array | float = 0.0,
-) -> jax.Array:
+def reconstruction_nll(x: jax.Array, x_rec: jax.Array, p_loss: jax.Array | None = None) -> jax.Array:
     """The authors' NLL term.
 
-    ``rec = |x - x_rec| + perceptual_weight * p_loss`` with the per-image LPIPS ``p_loss``
-    (shape ``[B]``) broadcast over every pixel and channel, ``nll = rec / exp(logvar) +
-    logvar`` (logvar stays 0: no optimizer holds it, so ``nll == rec``), then summed over
-    C*H*W (and batch) and divided by the batch size.
+    ``rec = |x - x_rec| + p_loss`` with the per-image (already weighted) LPIPS ``p_loss``
+    (shape ``[B]``) broadcast over every pixel and channel, then summed over C*H*W (and
+    batch) and divided by the batch size. Their ``rec / exp(logvar) + logvar`` is ``rec``:
+    logvar stays 0, as no optimizer holds it.
 
     The scale matters: summing over C*H*W (196,608 terms at 256x256x3) instead of taking a
     mean makes this term ~2e5 times larger than a mean-L1 loss.  The KL weight 1e-6 is
@@ -71,14 +66,10 @@ def reconstruction_nll(
     enters H*W*C times: once per broadcast pixel.)
     """
     x = x.astype(jnp.float32)
-    x_rec = x_rec.astype(jnp.float32)
-    rec = jnp.abs(x - x_rec)
-    if p_loss is not None and perceptual_weight > 0:
-        p = jnp.asarray(p_loss, jnp.float32).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
-        rec = rec + perceptual_weight * p
-    logvar = jnp.asarray(logvar, jnp.float32)
-    nll = rec / jnp.exp(logvar) + logvar
-    return jnp.sum(nll) / x.shape[0]
+    rec = jnp.abs(x - x_rec.astype(jnp.float32))
+    if p_loss is not None:
+        rec = rec + jnp.asarray(p_loss, jnp.float32).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.sum(rec) / x.shape[0]
 
 
 # -------------------------------------------------------------------- adaptive weight
@@ -91,50 +82,62 @@ def adaptive_weight_from_grads(nll_grad: jax.Array, g_grad: jax.Array,
     return jax.lax.stop_gradient(w * disc_weight)
 
 
-def conv_out_apply(h: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
-                   padding=None) -> jax.Array:
-    """Stride-1 NHWC/HWIO convolution as the decoder's ``conv_out`` (3x3, pad 1 for SD).
-    ``padding`` defaults to ``k // 2`` on each side (explicit, like torch)."""
-    if padding is None:
-        padding = tuple((k // 2, k // 2) for k in kernel.shape[:2])
-    y = jax.lax.conv_general_dilated(
-        h.astype(kernel.dtype), kernel, window_strides=(1, 1), padding=padding,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-    )
-    if bias is not None:
-        y = y + bias
-    return y
+def grouped_head_grads(conv_out: Callable, h: jax.Array, conv_params: dict, nll_fn: Callable, g_fn: Callable | None,
+                       factor: jax.Array, group_size: int, disc_weight: float = DISC_WEIGHT):
+    """The decoder loss gradient at conv_out, with each group's adaptive weight, in one backward pass.
 
+    The authors train on 8 GPUs with DDP: each GPU takes the adaptive weight
+    `||d nll_k/dW|| / (||d g_k/dW|| + 1e-4)` from its own images k (W: conv_out's kernel; autograd.grad
+    is not all-reduced), and the update is the mean over GPUs of each one's gradient. With groups of
+    `group_size` images standing for the GPUs, that mean is the gradient of
+    `nll + mean_k(w_k * factor * g_k)`: nll is the same either way (a sum over images / batch),
+    and each image's cotangent at conv_out's output carries its own group's `w_k / groups`.
 
-def weighted_head_grads(head_vjp: Callable, factor: jax.Array, disc_weight: float = DISC_WEIGHT):
-    """The decoder loss gradient at the decoder head, with the adaptive weight, in one pass.
-
-    `head_vjp` is the VJP of `(h, W, b) -> (nll, g)`, where h enters the decoder's conv_out
-    (W, b). Pulling back (1, 0) and (0, 1) gives d nll and d g w.r.t. h, W and b: the W parts
-    set the adaptive weight, and the loss gradient is their combination
-    `d nll + d_weight * factor * d g`, so the decoder body is differentiated once, for the
-    total loss, and no term is differentiated twice. Before `disc_start` (factor 0) the
-    discriminator's backward is skipped.
+    `conv_out(h, conv_params)` is the decoder's conv_out; `nll_fn(x_rec)` the batch's NLL (sum / batch);
+    `g_fn(x_rec)` each group's generator loss, shape [groups] (discriminator statistics per group).
+    Returns x_rec, nll, the groups' g and weights, and the cotangents of h and conv_params. Before
+    disc_start (factor 0) nothing of the discriminator runs; with `g_fn` None it is not compiled.
     """
-    one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-    nll_grads = head_vjp((one, zero))
-    g_grads = jax.lax.cond(factor > 0, lambda: head_vjp((zero, one)),
-                           lambda: jax.tree.map(jnp.zeros_like, nll_grads))
-    d_weight = jnp.where(factor > 0, adaptive_weight_from_grads(nll_grads[1], g_grads[1], disc_weight), 0.0)
-    coef = (d_weight * factor).astype(jnp.float32)
-    return d_weight, jax.tree.map(lambda a, b: a + (coef * b).astype(a.dtype), nll_grads, g_grads)
+    batch = h.shape[0]
+    groups = batch // group_size
+    x_rec, conv_vjp = jax.vjp(conv_out, h, conv_params)
+    nll, nll_vjp = jax.vjp(nll_fn, x_rec)
+    d_nll = nll_vjp(jnp.ones((), nll.dtype))[0]
+
+    def per_group_kernel_grad(d):  # d(sum over a group's images of <d, x_rec>)/dW, one per group: [groups, ...]
+        split = lambda a: a.reshape((groups, group_size) + a.shape[1:])  # noqa: E731
+        grad = lambda hk, dk: jax.vjp(lambda p: conv_out(hk, p), conv_params)[1](dk)[0]["kernel"]  # noqa: E731
+        return jax.vmap(grad)(split(h), split(d))
+
+    def gan_on():
+        g, g_vjp = jax.vjp(g_fn, x_rec)
+        d_g = g_vjp(jnp.ones_like(g))[0]  # each image's slice is the gradient of its own group's g
+        # nll_k, the group's own mean, is groups x its share of the batch's nll.
+        w = jax.vmap(adaptive_weight_from_grads, (0, 0, None))(
+            groups * per_group_kernel_grad(d_nll), per_group_kernel_grad(d_g), disc_weight)
+        return g.astype(jnp.float32), w, d_g
+
+    def gan_off():
+        zeros = jnp.zeros((groups,), jnp.float32)
+        return zeros, zeros, jnp.zeros_like(x_rec)
+
+    g, w, d_g = gan_off() if g_fn is None else jax.lax.cond(factor > 0, gan_on, gan_off)
+    coef = jnp.repeat(factor * w / groups, group_size).reshape((batch,) + (1,) * (x_rec.ndim - 1))
+    d_h, d_params = conv_vjp((d_nll + coef * d_g).astype(x_rec.dtype))
+    return x_rec, nll, g, w, d_h, d_params
 
 
 def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
                          d_weight: jax.Array, factor: jax.Array,
                          kl_weight: float = KL_WEIGHT) -> jax.Array:
-    """``nll + kl_weight * kl + d_weight * disc_factor * g_loss`` (LDM generator loss)."""
-    return nll + kl_weight * kl + d_weight * factor * g_loss
+    """``nll + kl_weight * kl + mean(d_weight * g_loss) * disc_factor`` (LDM's generator loss; the mean
+    over groups, when g_loss and d_weight hold one value per group, is the authors' DDP average)."""
+    return nll + kl_weight * kl + factor * jnp.mean(d_weight * g_loss)
 
 
 __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
     "hinge_d_loss", "generator_loss", "disc_factor",
     "reconstruction_nll", "adaptive_weight_from_grads",
-    "conv_out_apply", "generator_total_loss", "weighted_head_grads",
+    "generator_total_loss", "grouped_head_grads",
 ]

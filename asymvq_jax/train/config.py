@@ -41,7 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.loss = ml_collections.ConfigDict({
         "perceptual_weight": gan.PERCEPTUAL_WEIGHT, "kl_weight": gan.KL_WEIGHT, "disc_weight": gan.DISC_WEIGHT,
-        "disc_factor": 1.0, "disc_start": gan.DISC_START, "lpips_weights": ""})   # "" = the default weight file
+        "disc_factor": 1.0, "disc_start": gan.DISC_START, "lpips_weights": "",   # "" = the default weight file
+        # Images per group for the adaptive GAN weight and the discriminator's BatchNorm statistics, as
+        # each of the authors' 8 GPUs takes them from its own images (0 = the whole global batch).
+        "gan_group_size": 0})
     c.disc = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
 
     c.data = ml_collections.ConfigDict({
@@ -97,6 +100,10 @@ def check(config) -> None:
             "a decoder-only run (train_encoder=False) needs init_from, the checkpoint whose frozen encoder the "
             "decoder learns to serve: pass --config.init_from=/path/to/sd-vae (or configs/asym_x1_5.py:/path); "
             "set --config.random_encoder=True to train against a random encoder on purpose")
+    group = config.loss.get("gan_group_size", 0)
+    if group and config.batch_size % group:
+        raise ValueError(f"loss.gan_group_size={group} does not divide batch_size={config.batch_size}: "
+                         "pick a batch of whole groups, or another --config.loss.gan_group_size (0 = the whole batch)")
 
 
 def short(x: float) -> str:

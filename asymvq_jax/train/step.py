@@ -16,10 +16,11 @@ from asymvq_jax.metrics import pre_error
 from asymvq_jax.train.state import merge_vae
 
 
-def apply_disc(graphdef, params, stats, images):
-    """Runs the discriminator in train mode (batch statistics); returns logits and new stats."""
+def apply_disc(graphdef, params, stats, images, group_size=0):
+    """Runs the discriminator in train mode (batch statistics per group of `group_size` images);
+    returns logits and new stats."""
     disc = nnx.merge(graphdef, params, stats)
-    logits = disc(images)
+    logits = disc(images, group_size=group_size)
     return logits, nnx.to_pure_dict(nnx.state(disc, nnx.Not(nnx.Param)))
 
 
@@ -27,20 +28,33 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def make_train_step(config, graphdefs, tx, disc_tx):
+def gan_groups(config) -> tuple[int, int]:
+    """(images per group, groups): the adaptive weight and the discriminator's statistics are
+    taken per group, as on each of the authors' GPUs; 0 = the whole global batch."""
+    size = config.loss.get("gan_group_size") or config.batch_size
+    if config.batch_size % size:
+        raise ValueError(f"loss.gan_group_size={size} does not divide batch_size={config.batch_size}")
+    return size, config.batch_size // size
+
+
+def make_decoder_grads(config, graphdefs):
+    """(state, consts, batch) -> the decoder's gradient, the reconstruction and the loss terms: the
+    authors' generator step, with each group's adaptive weight (see gan.grouped_head_grads)."""
     loss_cfg = config.loss
     base_key = jax.random.key(config.seed)
+    group, groups = gan_groups(config)
     # Terms switched off in the config are left out of the compiled step (on a CPU, LPIPS-VGG16
     # is most of a small model's step, and the discriminator a good part of its compile time).
     use_lpips = loss_cfg.perceptual_weight != 0
     use_gan = loss_cfg.disc_factor != 0
 
-    def train_step(state, consts, batch):
+    def decoder_grads(state, consts, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
         lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
         d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
         factor = gan.disc_factor(step, loss_cfg.disc_start, loss_cfg.disc_factor)
         key = jax.random.fold_in(base_key, step)
+        params = state["params"]
 
         def body(params):  # encode, sample, decode up to conv_out; the KL reaches a trained encoder
             vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
@@ -48,32 +62,54 @@ def make_train_step(config, graphdefs, tx, disc_tx):
             image, hole = (x, mask) if vae.config.asymmetric else (None, None)
             return vae.decoder_features(post.sample(key), image, hole), jnp.mean(post.kl())
 
-        def head(h, kernel, bias):  # conv_out, then the two loss terms that drive the decoder
-            x_rec = gan.conv_out_apply(h, kernel, bias)
-            p_loss = loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None
-            nll = gan.reconstruction_nll(x, x_rec, p_loss)
-            g = gan.generator_loss(apply_disc(graphdefs["disc"], d_params, d_stats, x_rec)[0]) if use_gan else 0.0
-            return (nll, jnp.asarray(g, jnp.float32)), x_rec
+        def conv_out(h, conv_params):  # the decoder's own conv_out, in the compute dtype, as decode runs it
+            tree = {**params, "decoder": {**params["decoder"], "conv_out": conv_params}}
+            return merge_vae(graphdefs["vae"], tree, consts["frozen"]).decoder.conv_out(h)
 
-        params = state["params"]
-        conv_out = params["decoder"]["conv_out"]
+        def nll(x_rec):
+            return gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None)
+
+        def group_g(x_rec):  # each group's generator loss, its discriminator statistics its own
+            logits = apply_disc(graphdefs["disc"], d_params, d_stats, x_rec, group)[0]
+            return jax.vmap(gan.generator_loss)(logits.reshape((groups, group) + logits.shape[1:]))
+
         (h, kl), body_vjp = jax.vjp(body, params)
-        (nll, g), head_vjp, x_rec = jax.vjp(head, h, conv_out["kernel"], conv_out["bias"], has_aux=True)
-        d_weight, head_grads = gan.weighted_head_grads(head_vjp, factor, loss_cfg.disc_weight)
-        grads = body_vjp((head_grads[0], jnp.asarray(loss_cfg.kl_weight, kl.dtype)))[0]
-        grads["decoder"]["conv_out"] = {"kernel": head_grads[1], "bias": head_grads[2]}
-        loss = gan.generator_total_loss(nll, kl, g, d_weight, factor, loss_cfg.kl_weight)
-        aux = {"nll": nll, "g_loss": g, "d_weight": d_weight}
+        x_rec, nll_value, g, d_weight, d_h, d_conv_out = gan.grouped_head_grads(
+            conv_out, h, params["decoder"]["conv_out"], nll, group_g if use_gan else None, factor, group,
+            loss_cfg.disc_weight)
+        grads = body_vjp((d_h, jnp.asarray(loss_cfg.kl_weight, kl.dtype)))[0]
+        grads["decoder"]["conv_out"] = d_conv_out
+        terms = {"loss": gan.generator_total_loss(nll_value, kl, g, d_weight, factor, loss_cfg.kl_weight),
+                 "kl": kl, "nll": nll_value, "g_loss": jnp.mean(g), "d_weight": jnp.mean(d_weight),
+                 "disc_factor": factor}
+        return grads, x_rec, terms
+
+    return decoder_grads
+
+
+def make_train_step(config, graphdefs, tx, disc_tx):
+    loss_cfg = config.loss
+    group, _ = gan_groups(config)
+    use_gan = loss_cfg.disc_factor != 0
+    decoder_grads = make_decoder_grads(config, graphdefs)
+
+    def train_step(state, consts, batch):
+        step, x, mask = state["step"], batch["image"], batch["mask"]
+        d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
+        params = state["params"]
+        grads, x_rec, terms = decoder_grads(state, consts, batch)
+        factor = terms["disc_factor"]
 
         def disc_loss(d_params):
             # Separate calls on real and fake, as the authors' loop does: per-call batch statistics.
-            real, stats = apply_disc(graphdefs["disc"], d_params, d_stats, x)
-            fake, stats = apply_disc(graphdefs["disc"], d_params, stats, x_rec)
+            real, stats = apply_disc(graphdefs["disc"], d_params, d_stats, x, group)
+            fake, stats = apply_disc(graphdefs["disc"], d_params, stats, x_rec, group)
             return factor * gan.hinge_d_loss(real, fake), (stats, jnp.mean(real), jnp.mean(fake))
 
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        new = {"step": step + 1, "params": params, "opt": opt, "disc": state["disc"], "disc_opt": state["disc_opt"]}
+        updates, opt = tx.update(grads, state["opt"], params)
+        new_params = optax.apply_updates(params, updates)
+        new = {"step": step + 1, "params": new_params, "opt": opt, "disc": state["disc"],
+               "disc_opt": state["disc_opt"]}
 
         def disc_update():
             (d_loss, (stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
@@ -91,11 +127,10 @@ def make_train_step(config, graphdefs, tx, disc_tx):
             new["disc"], new["disc_opt"], (d_loss, real, fake), d_grads = jax.lax.cond(factor > 0, disc_update,
                                                                                        disc_waits)
         if "ema" in state:
-            new["ema"] = optax.incremental_update(params, state["ema"], 1.0 - config.ema_decay)
+            new["ema"] = optax.incremental_update(new_params, state["ema"], 1.0 - config.ema_decay)
 
-        metrics = {"loss": loss, "kl": kl, "d_loss": d_loss, "disc_factor": factor, "logits_real": real,
-                   "logits_fake": fake, "l1": jnp.mean(jnp.abs(x - x_rec)),
-                   "known_mse": jnp.mean(pre_error(x, x_rec, mask)), **aux}
+        metrics = {**terms, "d_loss": d_loss, "logits_real": real, "logits_fake": fake,
+                   "l1": jnp.mean(jnp.abs(x - x_rec)), "known_mse": jnp.mean(pre_error(x, x_rec, mask))}
         # A non-finite step leaves the state as it was; the host stops the run on seeing it.
         ok = all_finite((metrics, grads, d_grads))
         new = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, {**state, "step": step + 1})
