@@ -49,10 +49,16 @@ def test_gan_groups_of_2_on_8_devices_equal_1_device_and_the_authors_ddp_arithme
     assert weights["8x1"] == pytest.approx(weights["1"], rel=1e-5)
     one, eight, authors = (np.load(os.path.join(out, f"grads_{n}.npz")) for n in ("1", "8x1", "authors"))
     assert one.files == eight.files == authors.files and len(one.files) > 50
+    largest = max(float(np.abs(authors[k]).max()) for k in authors.files)
     for key in one.files:
-        scale = float(np.abs(authors[key]).max()) + 1e-30
-        np.testing.assert_allclose(eight[key], one[key], rtol=1e-4, atol=1e-5 * scale, err_msg=key)
-        np.testing.assert_allclose(one[key], authors[key], rtol=1e-3, atol=1e-4 * scale, err_msg=key)
+        if key.endswith("to_k.bias"):  # zero in exact arithmetic (softmax ignores it): rounding noise alone
+            assert max(np.abs(g[key]).max() for g in (one, eight, authors)) < 1e-6 * largest, key
+            continue
+        # Within float32 summation order of each array's largest element (measured: 7e-6 against the
+        # DDP arithmetic, 1.3e-5 between meshes).
+        scale = float(np.abs(authors[key]).max())
+        np.testing.assert_allclose(eight[key], one[key], rtol=0, atol=5e-5 * scale, err_msg=key)
+        np.testing.assert_allclose(one[key], authors[key], rtol=0, atol=5e-5 * scale, err_msg=key)
 
 
 @pytest.mark.pod
