@@ -148,8 +148,8 @@ def side_by_side(runs: dict, reps: int) -> dict[str, list[float]]:
 
 
 def bench_case(ref, vae, op, size, dtype, batch, reps, device, with_diffusers) -> dict:
-    from asymvq_jax import inference
-    vae = inference.load_model(vae, dtype=dtype)
+    from asymvq_jax import inference, load
+    vae = load(vae, dtype=dtype)
     x, mask, z = inputs(batch, size, vae.config.latent_channels)
     start = time.perf_counter()
     ours, compiled = ours_fn(vae, op, x, mask, z)

@@ -7,6 +7,7 @@
 
 DST must be new or a previous export of the same format (--force: write into anything else,
 replacing only the files the export writes); it can never be SRC, inside it or hold it.
+SRC and DST may be local or gs://.
 """
 
 import argparse
@@ -25,7 +26,8 @@ formats read (SRC, detected from files, keys and shapes):
   asymvq      ours: folder with asymvq_config.json + params.safetensors (Flax paths, Flax layout),
               or that .safetensors alone (config in its metadata)
   workdir     a train.py workdir: its latest checkpoint (or --step N), EMA weights when the run
-              kept them (or --raw for the trained weights themselves)
+              kept them (or --raw for the trained weights themselves); a run of stages (runs/local)
+              gives its last stage, a stage's folder (runs/local/autoencoder) that stage
 
 formats written (DST):
   asymvq      (import) the folder above; DST ending in .safetensors writes the single file
@@ -73,16 +75,13 @@ def main(argv=None) -> int:
     for noisy in ("jax", "absl"):  # absl: orbax's step-by-step restore messages
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from asymvq_jax import checkpoint
-    from asymvq_jax.convert import from_pretrained, save_pretrained, writers
+    from asymvq_jax import load, save_pretrained
+    from asymvq_jax.convert import writers
 
     fmt = "asymvq" if args.command == "import" else args.format
     try:
         writers.check_destination(args.dst, fmt, sources=[args.src], force=args.force)  # before the slow part
-        if checkpoint.is_workdir(args.src):
-            vae = checkpoint.load_model(args.src, step=args.step, ema=not args.raw)
-        else:
-            vae = from_pretrained(args.src, allow_pickle=args.allow_pickle, family=args.family)
+        vae = load(args.src, step=args.step, ema=not args.raw, allow_pickle=args.allow_pickle, family=args.family)
         out = save_pretrained(vae, args.dst, format=fmt, dtype="float16" if args.fp16 else None,
                               force=args.force)
     except (ValueError, FileNotFoundError) as e:  # the converter raises ValueErrors

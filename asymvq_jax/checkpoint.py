@@ -1,11 +1,12 @@
-"""Orbax checkpoints of a training workdir: periodic async saves, keep-last-k, resume.
+"""Orbax checkpoints of a training workdir, and `load`: the one way from a checkpoint, a workdir or a
+run of stages to a model.
 
-A workdir holds `checkpoints/<step>/` (the train state and the frozen parameters) and
-`model_config.json` (the `VAEConfig`), which is all an export needs.
+A workdir holds `checkpoints/<step>/` (`_layout`: the train state and the parameters no optimizer
+sees) and `model_config.json` (the `VAEConfig`), which is all a model needs. A run of stages holds
+a workdir per stage and `stages.json`, their order.
 """
 
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -14,12 +15,18 @@ import socket
 import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax import nnx
 
 from asymvq_jax import paths
-from asymvq_jax.models import VAEConfig
+from asymvq_jax.convert import abstract_model, from_pretrained
+from asymvq_jax.convert.keys import path_to_str
+from asymvq_jax.convert.readers import config_from_json, read_json_object
+from asymvq_jax.models import AutoencoderKL, VAEConfig
 
 MODEL_CONFIG = "model_config.json"
+STAGES = "stages.json"
 LOCK = "train.lock"
 
 
@@ -36,8 +43,24 @@ def manager(workdir: str, *, keep: int = 3, save_every: int | None = None) -> oc
                                  item_handlers=ocp.StandardCheckpointHandler())
 
 
-def save(mgr: ocp.CheckpointManager, step: int, ckpt, *, force: bool = False) -> bool:
-    return mgr.save(step, args=ocp.args.StandardSave(ckpt), force=force)
+def _layout(state, frozen) -> dict:
+    return {"train": state, "frozen": frozen}
+
+
+def _parts(tree) -> tuple:
+    """(train state, frozen parameters) of a tree in `_layout`."""
+    return tree["train"], tree.get("frozen") or {}
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, frozen, *, force: bool = False) -> bool:
+    return mgr.save(step, args=ocp.args.StandardSave(_layout(state, frozen)), force=force)
+
+
+def resume(mgr: ocp.CheckpointManager, state, frozen) -> tuple[int, object, object, list[int]]:
+    """(step, state, frozen, unreadable steps) of the newest step that can be read, restored into
+    the structure and shardings of `state` and `frozen`; (0, state, frozen, []) when none is saved."""
+    found, saved, skipped = restore(mgr, lambda _: _layout(state, frozen))
+    return (found, *_parts(saved), skipped) if saved is not None else (0, state, frozen, skipped)
 
 
 def restore(mgr: ocp.CheckpointManager, target_of, step: int | None = None) -> tuple[int, object, list[int]]:
@@ -84,9 +107,9 @@ def _check_structure(where, meta, target) -> None:
     """The trained and frozen parameters (plain dicts) must match by path; what the optimizer
     state holds follows from them."""
     def parts(tree):
-        train = tree.get("train", {})
+        train, frozen = _parts(tree)
         return ({f"train.{k}" for k in train} | {f"train.params.{k}" for k in flatten(train.get("params", {}))}
-                | {f"frozen.{k}" for k in flatten(tree.get("frozen") or {})})
+                | {f"frozen.{k}" for k in flatten(frozen)})
     saved, wanted = parts(meta), parts(target)
     if saved != wanted:
         only_saved, only_wanted = sorted(saved - wanted), sorted(wanted - saved)
@@ -150,15 +173,66 @@ def is_workdir(path: str) -> bool:
     return paths.isfile(paths.join(path, MODEL_CONFIG))
 
 
-def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
-    """The autoencoder of a training workdir at `step` (default: the newest that can be read),
-    EMA weights if kept."""
-    from asymvq_jax.convert import build_model
-    from asymvq_jax.convert.keys import str_to_path
+def flatten(tree) -> dict[str, object]:
+    """{'a.b.0.c': leaf} for a nested dict (list indices come back from orbax as strings)."""
+    return {path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def write_model_config(workdir: str, config: VAEConfig) -> None:
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, MODEL_CONFIG), json.dumps(config.to_dict(), indent=2))
+
+
+def read_model_config(workdir: str) -> VAEConfig:
+    path = paths.join(workdir, MODEL_CONFIG)
+    if not paths.exists(path):
+        raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {MODEL_CONFIG}")
+    return config_from_json(read_json_object(path), path)
+
+
+def write_stages(workdir: str, names) -> None:
+    paths.makedirs(workdir)
+    paths.write_text(paths.join(workdir, STAGES), json.dumps(list(names)))
+
+
+def _workdir(path) -> str | None:
+    """The training workdir `path` names: itself, or the last stage of a run of stages."""
+    if is_workdir(path):
+        return path
+    if paths.isfile(paths.join(path, STAGES)):
+        last = json.loads(paths.read_text(paths.join(path, STAGES)))[-1]
+        if not is_workdir(paths.join(path, last)):
+            raise FileNotFoundError(f"{path}: its last stage {last!r} has not started; name an earlier stage's "
+                                    "folder to load that one")
+        return paths.join(path, last)
+    return None
+
+
+def load(source, *, step: int | None = None, ema: bool = True, dtype=None, allow_pickle: bool = False,
+         family: str | None = None) -> AutoencoderKL:
+    """The autoencoder in `source`, local or gs://: any checkpoint `from_pretrained` reads (`family`:
+    of a single file without a config, see there), a training workdir (`step`, or the newest step that
+    can be read; EMA weights when the run kept them and `ema`), a run of stages (its last stage; give a
+    stage's folder for another), or a model. `dtype`: the compute dtype (default float32); parameters
+    stay float32."""
+    dtype = jnp.dtype(dtype or jnp.float32)
+    if isinstance(source, AutoencoderKL):
+        return source if source.compute_dtype == dtype else recast(source, dtype)
+    workdir = _workdir(source)
+    if workdir is None:
+        return from_pretrained(source, allow_pickle=allow_pickle, dtype=dtype, family=family)
+    return _load_workdir(workdir, step, ema, dtype)
+
+
+def recast(vae: AutoencoderKL, dtype) -> AutoencoderKL:
+    """`vae` computing in `dtype`, sharing its parameters."""
+    return nnx.merge(nnx.graphdef(abstract_model(vae.config, dtype=dtype)[1]), nnx.state(vae))
+
+
+def _load_workdir(workdir: str, step: int | None, ema: bool, dtype) -> AutoencoderKL:
     config = read_model_config(workdir)
     mgr = manager(workdir)
-    # Onto this process's first device, whatever mesh and hosts saved it.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    device = jax.sharding.SingleDeviceSharding(_default_device())  # whatever mesh and hosts saved it
     try:
         found, saved, skipped = restore(mgr, lambda meta: jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta), step)
@@ -168,25 +242,25 @@ def load_model(workdir: str, *, step: int | None = None, ema: bool = True):
         raise CheckpointError(f"{workdir}: no checkpoint saved yet")
     if skipped:
         logging.warning("%s: using step %d, the newest that can be read", workdir, found)
-    trained = saved["train"]["ema" if ema and "ema" in saved["train"] else "params"]
-    flat = {**flatten(trained), **flatten(saved.get("frozen") or {})}
-    return build_model(config, {str_to_path(k): v for k, v in flat.items()})
+    train, frozen = _parts(saved)
+    graphdef, state = nnx.split(abstract_model(config, dtype=dtype)[1])
+
+    def fill(var, value):
+        want = var.get_value()
+        if want.shape != value.shape:
+            raise CheckpointError(f"{workdir} step {found}: a parameter of shape {value.shape} where "
+                                  f"{MODEL_CONFIG} makes {want.shape}")
+        return var.replace(jnp.asarray(value, want.dtype))
+
+    for tree in (train["ema"] if ema and "ema" in train else train["params"], frozen):
+        nnx.replace_by_pure_dict(state, tree, fill)
+    missing = [path for path, var in nnx.to_flat_state(state) if isinstance(var.get_value(), jax.ShapeDtypeStruct)]
+    if missing:
+        raise CheckpointError(f"{workdir} step {found}: the checkpoint lacks {len(missing)} parameters, "
+                              f"e.g. {path_to_str(missing[0])}")
+    return nnx.merge(graphdef, state)
 
 
-def flatten(tree) -> dict[str, object]:
-    """{'a.b.0.c': leaf} for a nested dict (list indices come back from orbax as strings)."""
-    from asymvq_jax.convert.keys import path_to_str
-    return {path_to_str(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def write_model_config(workdir: str, config: VAEConfig) -> None:
-    paths.makedirs(workdir)
-    paths.write_text(paths.join(workdir, MODEL_CONFIG), json.dumps(dataclasses.asdict(config), indent=2))
-
-
-def read_model_config(workdir: str) -> VAEConfig:
-    path = paths.join(workdir, MODEL_CONFIG)
-    if not paths.exists(path):
-        raise FileNotFoundError(f"{workdir} is not a training workdir: it has no {MODEL_CONFIG}")
-    from asymvq_jax.convert.readers import config_from_json, read_json_object
-    return config_from_json(read_json_object(path), path)
+def _default_device():
+    device = jax.config.jax_default_device  # set by `with jax.default_device(...)`
+    return device if isinstance(device, jax.Device) else jax.local_devices()[0]

@@ -42,17 +42,12 @@ class Decoder:
 
 def load_decoder(path: str, *, step: int | None = None, allow_pickle: bool = False, family: str | None = None
                  ) -> Decoder:
-    """Any checkpoint `from_pretrained` reads, or a training workdir (latest step, EMA if kept).
-    `family`: the latent family of a single file without a config (FLUX's ae.safetensors: "flux")."""
-    if not os.path.exists(path):
+    """Anything `checkpoint.load` reads, named by its folder or file (`family`: see `load`)."""
+    if not paths.exists(path):
         raise FileNotFoundError(f"decoder {path!r} does not exist (a checkpoint file or folder, or a training workdir)")
-    if checkpoint.is_workdir(path):
-        vae = checkpoint.load_model(path, step=step)
-    else:
-        from asymvq_jax.convert import from_pretrained
-        vae = from_pretrained(path, allow_pickle=allow_pickle, family=family)
+    vae = checkpoint.load(path, step=step, allow_pickle=allow_pickle, family=family)
     graphdef, state = nnx.split(vae)
-    return Decoder(os.path.basename(os.path.normpath(path)), graphdef, (state,), vae.config)
+    return Decoder(paths.path(path).name, graphdef, (state,), vae.config)
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

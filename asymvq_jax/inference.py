@@ -15,27 +15,12 @@ from flax import nnx
 from PIL import Image
 
 from asymvq_jax import paths
+from asymvq_jax.checkpoint import load
 from asymvq_jax.models import AutoencoderKL
 from asymvq_jax.models.blocks import group_norm_with, own_statistics
 
 
 # -- the model ---------------------------------------------------------------------------------
-
-def load_model(source, *, dtype=jnp.float32, step: int | None = None, allow_pickle: bool = False) -> AutoencoderKL:
-    """A model from anything `from_pretrained` reads, a training workdir, or a model (recast to `dtype`)."""
-    from asymvq_jax import checkpoint
-    from asymvq_jax.convert import build_model, from_pretrained, model_params
-    dtype = jnp.dtype(dtype)
-    if isinstance(source, AutoencoderKL):
-        vae = source
-    elif checkpoint.is_workdir(os.fspath(source)):
-        vae = checkpoint.load_model(os.fspath(source), step=step)
-    else:
-        return from_pretrained(source, allow_pickle=allow_pickle, dtype=dtype)
-    if compute_dtype(vae) == dtype:
-        return vae
-    return build_model(vae.config, model_params(vae), dtype=dtype)
-
 
 def compute_dtype(vae: AutoencoderKL):
     return jnp.dtype(vae.compute_dtype)
@@ -355,12 +340,12 @@ def _is_image(path) -> bool:
 def reconstruct_file(model, image_path, mask_path, out, *, dtype=jnp.float32, step=None, allow_pickle=False,
                      force=False, **kw) -> list[str]:
     """Writes input | masked input | plain decode | mask-guided decode side by side.
-    `model`: a model or anything `load_model` takes, loaded once the inputs have passed their checks."""
+    `model`: anything `load` takes, loaded once the inputs have passed their checks."""
     inputs = [p for p in (model, image_path, mask_path) if isinstance(p, (str, os.PathLike))]
     check_output(out, inputs, force)
     image, mask = read_image(image_path), read_mask(mask_path)
     check_pair(image, mask)
-    vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
+    vae = load(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
     plain, guided = reconstruct(vae, image, mask, **kw)
     write_image(out, np.concatenate([image, image * (1 - mask), plain, guided], axis=1))
     return [os.fspath(out)]
@@ -374,7 +359,7 @@ def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool
     image, mask = read_image(image_path), read_mask(mask_path)
     check_pair(image, mask)
     _existing(latents_path)
-    vae = load_model(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
+    vae = load(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
     z = read_latents(latents_path, vae.config.latent_channels, key, image_size=image.shape[:2])
     if scaled:
         z = vae.config.unscale(z)

@@ -153,7 +153,7 @@ def test_init_from_gs_and_export_to_gs(runs, bucket):
     from asymvq_jax import from_pretrained
 
     assert convert_weights.main(["export", resumed_run, f"{bucket}/export", "--format", "diffusers"]) == 0
-    exported, trained, sd = from_pretrained(f"{bucket}/export"), checkpoint.load_model(resumed_run), \
+    exported, trained, sd = from_pretrained(f"{bucket}/export"), checkpoint.load(resumed_run), \
         from_pretrained(f"{bucket}/sd")
     for module in ("encoder", "decoder"):
         a, b = (checkpoint.flatten(_params(getattr(m, module))) for m in (exported, trained))

@@ -11,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 import decode as decode_cli
+import asymvq_jax
 from asymvq_jax import inference, save_pretrained
 from asymvq_jax.models import VAEConfig
 from asymvq_jax.models.blocks import attend
@@ -62,7 +64,6 @@ JIT_TOL = 2e-5
 
 def test_jitted_group_norms_within_1e_6(vae, monkeypatch):
     """Every GroupNorm of a guided decode, jitted on the input it saw op by op: within 1e-6 of its scale."""
-    from flax import nnx
     x, mask, z = inputs(32, batch=3)
     seen, call = [], nnx.GroupNorm.__call__
     monkeypatch.setattr(nnx.GroupNorm, "__call__", lambda norm, a: seen.append((norm, a)) or call(norm, a))
@@ -91,7 +92,7 @@ def test_jitted_equals_eager_and_compiles_once(vae):
 
 def test_bfloat16_compute(vae):
     x, mask, z = inputs(32)
-    bf16 = inference.load_model(vae, dtype="bfloat16")
+    bf16 = asymvq_jax.load(vae, dtype="bfloat16")
     out = inference.decode(bf16, z, x, mask)
     assert out.dtype == jnp.bfloat16
     ref = inference.decode(vae, z, x, mask)
@@ -316,23 +317,20 @@ def test_cli_bad_input_is_a_clear_error_and_writes_nothing(files, tmp_path, caps
 
 def test_load_model_from_training_workdir(vae, tmp_path):
     from asymvq_jax import checkpoint
-    from asymvq_jax.convert import model_params
-    params = model_params(vae)
-    tree = {}
-    for path, value in params.items():
-        node = tree.setdefault("train" if path[0] == "decoder" else "frozen", {})
-        if path[0] == "decoder":
-            node = node.setdefault("params", {})
-        for key in map(str, path[:-1]):
-            node = node.setdefault(key, {})
-        node[str(path[-1])] = value
+    params = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+    decoder = {"decoder": params.pop("decoder")}
     mgr = checkpoint.manager(str(tmp_path))
-    checkpoint.save(mgr, 5, tree, force=True)
+    checkpoint.save(mgr, 5, {"params": decoder}, params, force=True)
     mgr.wait_until_finished()
     checkpoint.write_model_config(str(tmp_path), SMALL)
-    loaded = inference.load_model(str(tmp_path))
+    loaded = asymvq_jax.load(str(tmp_path))
     x, mask, z = inputs(32)
     np.testing.assert_array_equal(inference.decode(loaded, z, x, mask), inference.decode(vae, z, x, mask))
+
+    config = tmp_path / "model_config.json"
+    config.write_text(config.read_text().replace("{", '{"colour": 1, ', 1))
+    with pytest.raises(ValueError, match=r"model_config.json: unknown VAEConfig fields \['colour'\]"):
+        asymvq_jax.load(str(tmp_path))
 
 
 def test_cli_output_never_replaces_an_input_or_a_non_image(files, tmp_path, capsys):

@@ -117,5 +117,5 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(assets, tmp_path):
     steps = [len(r["batches"]) for r in records(workdir)]
     assert steps[0] == steps[1] < 10_000
     assert checkpoint.manager(workdir).latest_step() == steps[0]
-    vae = checkpoint.load_model(workdir)  # complete: restores on one device, one process
+    vae = checkpoint.load(workdir)  # complete: restores on one device, one process
     assert vae.decoder.conv_out.kernel[...].shape[-1] == 3

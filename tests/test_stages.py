@@ -55,7 +55,7 @@ def untrained(config):
 
 def test_full_autoencoder_mode_trains_the_encoder(run):
     config, workdir = run
-    before, after = untrained(config.autoencoder), checkpoint.load_model(os.path.join(workdir, "autoencoder"))
+    before, after = untrained(config.autoencoder), checkpoint.load(os.path.join(workdir, "autoencoder"))
     old, new = params(before.encoder), params(after.encoder)
     changed = [k for k in old if not np.array_equal(old[k], new[k])]
     assert len(changed) == len(old), sorted(set(old) - set(changed))
@@ -77,7 +77,7 @@ def test_autoencoder_exports_like_any_workdir(run, tmp_path):
     loaded, info = diffusers.AutoencoderKL.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
-    ours = checkpoint.load_model(src)
+    ours = checkpoint.load(src)
     x = held_out_batch(config.autoencoder, 2)["image"]
     with torch.no_grad():
         theirs = loaded.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2))).sample.numpy().transpose(0, 2, 3, 1)
@@ -98,7 +98,7 @@ def test_stage_two_starts_from_stage_one(run):
     graphdefs, state, consts, _, _ = build(stage)
     vae = merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
     _, pretrained = pretrained_source(stage, {"params": state["params"], "frozen": consts["frozen"]})
-    start, stage_one = params(vae), params(checkpoint.load_model(stage.init_from))
+    start, stage_one = params(vae), params(checkpoint.load(stage.init_from))
     branch = {k for k in start if k.startswith("decoder.condition_encoder.")}
     assert branch and set(start) - branch == set(stage_one)
     for k in stage_one:
@@ -109,8 +109,8 @@ def test_stage_two_starts_from_stage_one(run):
 
 def test_frozen_encoder_is_bit_identical_through_stage_two(run):
     _, workdir = run
-    stage_one = frozen_parts(checkpoint.load_model(os.path.join(workdir, "autoencoder")))
-    stage_two = frozen_parts(checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    stage_one = frozen_parts(checkpoint.load(os.path.join(workdir, "autoencoder")))
+    stage_two = frozen_parts(checkpoint.load(os.path.join(workdir, "asymmetric")))
     assert stage_one.keys() == stage_two.keys() and len(stage_one) > 10
     for k in stage_one:
         np.testing.assert_array_equal(stage_two[k], stage_one[k], err_msg=k)
@@ -129,12 +129,12 @@ def test_restart_skips_finished_stages_and_prints_the_table(run, capsys):
 
 def test_trained_plain_decode_beats_the_untrained_model(run):
     config, workdir = run
-    final = stages.evaluate(config.asymmetric, checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    final = stages.evaluate(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
     before = stages.evaluate(config.autoencoder, untrained(config.autoencoder))
     assert final["plain"]["psnr/whole"] > before["plain"]["psnr/whole"] + TRAINED_MARGIN_DB, (final, before)
 
 
 def test_guided_decode_beats_the_plain_one_on_the_known_region(run):
     config, workdir = run
-    final = stages.evaluate(config.asymmetric, checkpoint.load_model(os.path.join(workdir, "asymmetric")))
+    final = stages.evaluate(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
     assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"] + GUIDED_MARGIN_DB, final

@@ -49,7 +49,7 @@ def test_reconstruction_error_falls(assets, uninterrupted):
     x, mask = jnp.asarray(batch["image"]), jnp.asarray(batch["mask"])
 
     def l1(step):
-        vae = checkpoint.load_model(uninterrupted, step=step)
+        vae = checkpoint.load(uninterrupted, step=step)
         z = vae.encode(x).mode()
         return float(jnp.abs(vae.decode(z, x, mask) - x).mean()), float(jnp.abs(vae.decode(z) - x).mean())
 
@@ -72,7 +72,7 @@ def test_gan_switches_on_at_disc_start(uninterrupted):
 @pytest.mark.slow  # trains, or compiles a train step
 def test_encoder_is_bit_identical_after_training(assets, uninterrupted):
     _, _, consts, _, _ = build(config(assets))
-    trained = checkpoint.load_model(uninterrupted, step=6)
+    trained = checkpoint.load(uninterrupted, step=6)
     fresh = checkpoint.flatten(consts["frozen"])
     saved = checkpoint.flatten(jax.tree.map(np.asarray, {
         "encoder": _pure(trained.encoder), "quant_conv": _pure(trained.quant_conv),
@@ -128,7 +128,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, uninte
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*nll.* at step 3"):
         train(config(assets, **{"loss.perceptual_weight": float("nan")}), workdir)
     assert checkpoint.manager(workdir).latest_step() == 2
-    checkpoint.load_model(workdir)  # still restorable
+    checkpoint.load(workdir)  # still restorable
 
 
 def test_bad_input_fails_at_start_up_and_leaves_no_workdir(assets, tmp_path):
@@ -172,13 +172,13 @@ def test_damaged_checkpoints_are_skipped_named_and_kept(assets, uninterrupted, t
     shutil.copytree(uninterrupted, workdir)
     _damage(workdir)
     with pytest.raises(checkpoint.CheckpointError, match=r"checkpoints/6 cannot be read: OUT_OF_RANGE"):
-        checkpoint.load_model(workdir, step=6)
+        checkpoint.load(workdir, step=6)
     caplog.clear()
     assert convert_weights.main(["export", workdir, str(tmp_path / "export"), "--format", "asymvq"]) == 0
     said = caplog.text
     assert "checkpoints/6 cannot be read (OUT_OF_RANGE" in said and "_METADATA" in said and "--step" in said
     assert "using step 2, the newest that can be read" in said
-    np.testing.assert_array_equal(checkpoint.load_model(workdir, step=2).decoder.conv_out.kernel[...],
+    np.testing.assert_array_equal(checkpoint.load(workdir, step=2).decoder.conv_out.kernel[...],
                                   __import__("asymvq_jax").from_pretrained(str(tmp_path / "export"))
                                   .decoder.conv_out.kernel[...])
 
@@ -224,7 +224,7 @@ def test_export_of_a_workdir_loads_in_diffusers(uninterrupted, tmp_path):
                                     + ([] if ema else ["--raw"])) == 0
         model, info = diffusers.AsymmetricAutoencoderKL.from_pretrained(out, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
-    ema, raw = (checkpoint.load_model(uninterrupted, step=4, ema=e) for e in (True, False))
+    ema, raw = (checkpoint.load(uninterrupted, step=4, ema=e) for e in (True, False))
     conv_ema, conv_raw = ema.decoder.conv_out.kernel[...], raw.decoder.conv_out.kernel[...]
     assert not np.allclose(conv_ema, conv_raw)  # EMA kept separately from the trained weights
     np.testing.assert_array_equal(ema.encoder.conv_in.kernel[...], raw.encoder.conv_in.kernel[...])
@@ -339,3 +339,23 @@ def test_init_decoder_false_takes_only_the_frozen_parts_and_trains_all_at_1x(ass
     updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), tx.init(params), params)
     step_of = lambda tree: float(jnp.abs(tree["kernel"]).max())  # noqa: E731
     assert step_of(updates["decoder"]["conv_out"]) == step_of(updates["decoder"]["condition_encoder"]["layers"][0])
+
+
+@pytest.mark.slow
+def test_export_of_a_run_of_stages_is_its_last_stage(assets, tmp_path):
+    import ml_collections
+
+    import convert_weights
+    from asymvq_jax import from_pretrained
+    from asymvq_jax.train import stages
+
+    first = config(assets, total_steps=2, sample_every=2)
+    second = config(assets, total_steps=2, sample_every=2, init_from="first", seed=1)
+    run, out = str(tmp_path / "run"), str(tmp_path / "export")
+    stages.run(ml_collections.ConfigDict({"stages": ("first", "second"), "first": first, "second": second}), run)
+    assert convert_weights.main(["export", run, out, "--format", "diffusers"]) == 0
+    exported = checkpoint.flatten(_pure(from_pretrained(out).decoder))
+    for stage, same in (("second", True), ("first", False)):
+        want = checkpoint.flatten(_pure(checkpoint.load(os.path.join(run, stage)).decoder))
+        assert want.keys() == exported.keys()
+        assert all(np.array_equal(exported[k], want[k]) for k in want) == same, stage

@@ -7,7 +7,7 @@ The key rule lives in `keys`, file reading in `readers`, the formats in `writers
 there), the model glue in `api`.
 """
 
-from .api import (build_model, diffusers_to_flax_params, flax_params_to_diffusers,
+from .api import (abstract_model, build_model, diffusers_to_flax_params, flax_params_to_diffusers,
                   from_pretrained, model_params, save_pretrained)
 from .errors import (ConvertError, CorruptFileError, KeyMismatchError, PickleNotAllowedError,
                      ShapeMismatchError, UnknownFormatError)
@@ -15,7 +15,7 @@ from .readers import Checkpoint, detect_layout, infer_config, match_preset, read
 from .writers import FORMATS
 
 __all__ = [
-    "build_model", "diffusers_to_flax_params", "flax_params_to_diffusers",
+    "abstract_model", "build_model", "diffusers_to_flax_params", "flax_params_to_diffusers",
     "from_pretrained", "model_params", "save_pretrained",
     "ConvertError", "CorruptFileError", "KeyMismatchError", "PickleNotAllowedError",
     "ShapeMismatchError", "UnknownFormatError",

@@ -244,10 +244,6 @@ def match_preset(cfg: VAEConfig) -> str:
     return "custom"
 
 
-def config_to_json(cfg: VAEConfig) -> dict:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
 def config_from_json(d: dict, source: str) -> VAEConfig:
     return config_at(source, VAEConfig.from_dict, d)
 

@@ -38,7 +38,7 @@ from asymvq_jax import paths
 from asymvq_jax.paths import atomic_output
 
 from . import keys as K
-from .readers import ASYMVQ_CONFIG, ASYMVQ_FORMAT_VERSION, ASYMVQ_WEIGHTS, config_to_json
+from .readers import ASYMVQ_CONFIG, ASYMVQ_FORMAT_VERSION, ASYMVQ_WEIGHTS
 
 FORMATS = ("diffusers", "ldm", "asymvq")
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -130,13 +130,13 @@ def write_ldm(dst: str, tensors: dict[str, np.ndarray], cfg: VAEConfig) -> str:
         raise ValueError(f"{dst}: the ldm format is one file; give a path ending in .safetensors")
     ldm = diffusers_to_ldm(tensors)
     with atomic_output(dst, is_dir=False) as tmp:
-        _save_safetensors(tmp, ldm, {"format": "pt", "asymvq_config": json.dumps(config_to_json(cfg))})
+        _save_safetensors(tmp, ldm, {"format": "pt", "asymvq_config": json.dumps(cfg.to_dict())})
     return dst
 
 
 def write_asymvq(dst: str, flax_params: dict[K.Path, np.ndarray], cfg: VAEConfig) -> str:
     tensors = {K.path_to_str(p): v for p, v in flax_params.items()}
-    cfg_json = config_to_json(cfg)
+    cfg_json = cfg.to_dict()
     metadata = {"format": "asymvq", "asymvq_format_version": str(ASYMVQ_FORMAT_VERSION),
                 "asymvq_config": json.dumps(cfg_json)}
     if dst.lower().endswith(".safetensors"):

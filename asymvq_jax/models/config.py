@@ -77,9 +77,14 @@ class VAEConfig:
             raise ConfigError(f"up_block_out_channels={list(self.up_block_out_channels)}: expected 4 levels for "
                               "the asymmetric decoder")
 
+    # -- our JSON (model_config.json, asymvq_config.json) -------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
     @classmethod
     def from_dict(cls, d: Any) -> "VAEConfig":
-        """Our own JSON form (`dataclasses.asdict`): every key known, every value checked."""
+        """`to_dict`'s form read back: every key known, every value checked."""
         if not isinstance(d, dict):
             raise ConfigError(f"expected a JSON object of VAEConfig fields, got {type(d).__name__} {_short(d)}")
         names = [f.name for f in dataclasses.fields(cls)]

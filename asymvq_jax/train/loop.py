@@ -92,9 +92,8 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     logging.info("model %s: %.2fM parameters trained, %.2fM frozen; discriminator %.2fM", config.model.preset,
                  count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
-    start, restored, skipped = checkpoint.restore(mgr, lambda _: {"train": state, "frozen": consts["frozen"]})
-    if restored is not None:
-        state, consts["frozen"] = restored["train"], restored["frozen"]
+    start, state, consts["frozen"], skipped = checkpoint.resume(mgr, state, consts["frozen"])
+    if start:
         if jax.process_index() == 0:
             checkpoint.set_aside(mgr, skipped)
         parallel.sync_hosts("checkpoints set aside")
@@ -151,8 +150,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
             writer.image(step, "samples", sample_path(workdir, step))
         if evaluator is not None and step % config.eval_every == 0:
             writer.write(step, evaluator(state.get("ema", state["params"]), consts))
-        checkpoint.save(mgr, step, {"train": state, "frozen": consts["frozen"]},
-                        force=stop or step == config.total_steps)
+        checkpoint.save(mgr, step, state, consts["frozen"], force=stop or step == config.total_steps)
         if stop:
             break
     flush()

@@ -20,6 +20,8 @@ TABLE_EXAMPLES = 12  # 4 crops of each held-out photo, each with its own mask
 
 def run(config, workdir: str) -> None:
     stages = list(config.stages) if "stages" in config else [None]
+    if stages != [None] and jax.process_index() == 0:
+        checkpoint.write_stages(workdir, stages)  # so that loading the run's folder finds its last stage
     for name in stages:
         stage, stage_dir = (config, workdir) if name is None else resolve(config, name, workdir)
         stage = derived(stage)  # total_steps may come from the data
@@ -74,7 +76,7 @@ def evaluate(config, vae) -> dict[str, dict[str, float]]:
 def held_out_table(config, workdir: str) -> str:
     """A Markdown table of the workdir's latest model: PSNR / SSIM / LPIPS per decode and region."""
     lines = ["| decode | region | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|"]
-    for name, report in evaluate(config, checkpoint.load_model(workdir)).items():
+    for name, report in evaluate(config, checkpoint.load(workdir)).items():
         for region in ("whole", "hole", "known"):
             cells = [report.get(f"{metric}/{region}", np.nan) for metric in ("psnr", "ssim", "lpips")]
             lines.append(f"| {name} | {region} | " + " | ".join(

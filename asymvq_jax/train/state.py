@@ -15,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from asymvq_jax import parallel
+from asymvq_jax import checkpoint, parallel
 from asymvq_jax.convert.keys import path_to_str
 from asymvq_jax.losses import LPIPS, NLayerDiscriminator
 from asymvq_jax.models import AutoencoderKL, VAEConfig, preset
@@ -134,13 +134,10 @@ def fresh_trees(config):
 
 
 def read_source(path: str, family: str | None = None) -> dict[tuple, np.ndarray]:
-    """The parameters (host memory) of a training workdir (latest step) or any checkpoint
-    from_pretrained reads (`family`: of a single file without a config)."""
-    from asymvq_jax import checkpoint
-    from asymvq_jax.convert.api import read_params
-    if not checkpoint.is_workdir(path):
-        return read_params(path, family=family)[1]
-    flat = nnx.to_flat_state(nnx.state(checkpoint.load_model(path), nnx.Param))
+    """The parameters of anything `checkpoint.load` reads (`family`: see there), by path, in host
+    memory: each device then receives only its shard (`place`)."""
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        flat = nnx.to_flat_state(nnx.state(checkpoint.load(path, family=family), nnx.Param))
     return {key_path(k): np.asarray(v[...]) for k, v in flat}
 
 
