@@ -10,7 +10,6 @@ never be a decoder, the data or the masks, lie inside one or hold one.
 
 import argparse
 import logging
-import os
 import sys
 
 from asymvq_jax import evaluate, inception, paths
@@ -21,8 +20,8 @@ from asymvq_jax.losses.lpips import LPIPS, default_weights_path
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--decoder", action="append", required=True,
-                   help="a checkpoint (any format from_pretrained reads) or a training workdir; repeat to compare "
-                        "(an SD VAE is the plain baseline)")
+                   help="anything asymvq_jax.load reads: a checkpoint, a training workdir or a run of stages; "
+                        "repeat to compare (an SD VAE is the plain baseline). Every path may be gs://")
     p.add_argument("--data", default="bundled_photos",
                    help="folder:PATH (or a folder), tfds:NAME/SPLIT[@DATA_DIR], or bundled_photos")
     p.add_argument("--masks", default="", help="a shipped mask set (thin|medium|thick_256|512) or a folder of "
@@ -53,7 +52,7 @@ def parse_args(argv=None):
 def optional(path: str, what: str, load):
     if not path:
         return None
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         logging.warning("no %s: %s does not exist", what, path)
         return None
     return load(path)
@@ -77,7 +76,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     check_out(args)
-    decoders = [evaluate.load_decoder(p, step=args.step, allow_pickle=args.allow_pickle, family=args.family)
+    decoders = [evaluate.load_candidate(p, step=args.step, allow_pickle=args.allow_pickle, family=args.family)
                 for p in args.decoder]
     images = evaluate.dataset_images(args.data, args.limit)
     masks = load_masks(default_masks(args.image_size) if not args.masks else args.masks, args.image_size)

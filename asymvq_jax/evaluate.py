@@ -4,7 +4,6 @@ with every metric of `metrics`, sharded over all devices and hosts like training
 import dataclasses
 import functools
 import heapq
-import io
 import json
 import logging
 import os
@@ -14,10 +13,10 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
-from asymvq_jax import checkpoint, metrics, parallel, paths
+from asymvq_jax import checkpoint, files, metrics, parallel, paths
 from asymvq_jax.data.evalset import eval_batches, folder_images, load_masks, tfds_images
 from asymvq_jax.data.folder import BUNDLED_PHOTOS, bundled_photo
 from asymvq_jax.models import VAEConfig
@@ -28,8 +27,9 @@ TABLE_COLUMNS = ("psnr/whole", "psnr/hole", "psnr/known", "ssim/whole", "ssim/ho
 
 
 @dataclasses.dataclass
-class Decoder:
-    """A model to evaluate: its graph and its states (more than one when training splits them)."""
+class Candidate:
+    """A whole autoencoder to evaluate, by name: its graph and its states (more than one when training
+    splits them)."""
     name: str
     graphdef: object
     states: tuple
@@ -40,59 +40,44 @@ class Decoder:
         return side, side, self.config.latent_channels
 
 
-def load_decoder(path: str, *, step: int | None = None, allow_pickle: bool = False, family: str | None = None
-                 ) -> Decoder:
+def load_candidate(path: str, *, step: int | None = None, allow_pickle: bool = False, family: str | None = None
+                   ) -> Candidate:
     """Anything `checkpoint.load` reads, named by its folder or file (`family`: see `load`)."""
     if not paths.exists(path):
         raise FileNotFoundError(f"decoder {path!r} does not exist (a checkpoint file or folder, or a training workdir)")
     vae = checkpoint.load(path, step=step, allow_pickle=allow_pickle, family=family)
     graphdef, state = nnx.split(vae)
-    return Decoder(paths.path(path).name, graphdef, (state,), vae.config)
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
+    return Candidate(paths.path(path).name, graphdef, (state,), vae.config)
 
 
 def dataset_images(spec: str, limit: int = 0):
     """`folder:PATH` (or a bare folder), `tfds:NAME/SPLIT[@DATA_DIR]`, or `bundled_photos`."""
     if spec == "bundled_photos":
-        return [(name, png_bytes(bundled_photo(name))) for name in BUNDLED_PHOTOS][: limit or None]
+        return [(name, files.png_bytes(bundled_photo(name))) for name in BUNDLED_PHOTOS][: limit or None]
     if spec.startswith("tfds:"):
         name_split, _, data_dir = spec[5:].partition("@")
         name, _, split = name_split.partition("/")
         return tfds_images(name, split or "validation", data_dir or None, limit=limit)
     path = spec[7:] if spec.startswith("folder:") else spec
-    return folder_images(os.path.expanduser(path))[: limit or None]
+    return folder_images(path)[: limit or None]
 
 
-def read_latents(folder: str, names, decoder: Decoder, shape) -> np.ndarray:
+def read_latents(folder: str, names, decoder: Candidate, shape) -> np.ndarray:
     """Latents made elsewhere (e.g. a diffusers inpainting run), one `NAME.npy` or `NAME.safetensors`
     per image, [1, C, h, w], [C, h, w] or [h, w, C], scaled as diffusion models see them; returned
     unscaled, NHWC."""
     out = []
     for name in names:
-        path = next((os.path.join(folder, name + ext) for ext in (".npy", ".safetensors")
-                     if os.path.exists(os.path.join(folder, name + ext))), None)
+        path = next((p for p in (paths.join(folder, name + ext) for ext in (".npy", ".safetensors"))
+                     if paths.isfile(p)), None)
         if path is None:
             raise FileNotFoundError(f"no latents for image {name!r} in {folder} ({name}.npy or {name}.safetensors)")
-        if path.endswith(".npy"):
-            z = np.load(path, allow_pickle=False)
-        else:
-            from safetensors.numpy import load_file
-            tensors = load_file(path)
-            z = tensors.get("latents", next(iter(tensors.values())))
-        z = np.asarray(z, np.float32)
-        z = z[0] if z.ndim == 4 and z.shape[0] == 1 else z
-        h, w, c = shape
-        if z.shape == (c, h, w):       # diffusers' layout; it wins where both read the same
-            z = z.transpose(1, 2, 0)
-        elif z.shape != (h, w, c):
+        z = files.read_latents(path, shape[-1])
+        if z.shape[1:] != shape:
+            h, w, c = shape
             raise ValueError(f"{path}: latents of shape {z.shape}; the images need ({c}, {h}, {w}) or ({h}, {w}, {c})")
-        out.append(decoder.config.unscale(z))
-    return np.stack(out).astype(np.float32)
+        out.append(decoder.config.unscale(z[0]))
+    return np.stack(out)
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,7 +126,7 @@ class _Extremes:
         return [c for *_, c in sorted(self.worst, reverse=True)]
 
 
-def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: int, batch_size: int,
+def evaluate(decoders: list[Candidate], images, masks: np.ndarray, *, image_size: int, batch_size: int,
              lpips=None, inception=None, latents: str = "", fid_stats: str = "", save_fid_stats: str = "",
              grids: int = 0, progress: bool = False) -> dict:
     """Every metric of every decoder, plain and guided, averaged over `images` (see module doc).
@@ -156,7 +141,7 @@ def evaluate(decoders: list[Decoder], images, masks: np.ndarray, *, image_size: 
         raise ValueError(f"decoders need distinct names, got {decoder_names}; rename the folders")
     reference = metrics.load_fid_stats(fid_stats) if fid_stats else None  # a bad file fails before the run
     mesh = parallel.make_mesh()
-    parallel.check_batch_size(batch_size, mesh)
+    parallel.check_batch_size(batch_size, devices=mesh.size, hosts=jax.process_count(), what="eval batch size")
     rep = parallel.replicated(mesh)
     lpips_graphdef, lpips_state = nnx.split(lpips) if lpips is not None else (None, None)
     inc_graphdef, inc_state = nnx.split(inception) if inception is not None else (None, None)
@@ -235,7 +220,6 @@ def _offer(extremes, d, global_batch, outs, vals, valid, names):
 def _progress(total, enabled):
     if not enabled or jax.process_index() != 0:
         return None
-    from tqdm import tqdm
     return tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
 
 
@@ -261,7 +245,6 @@ def write_outputs(results: dict, out_dir: str) -> None:
     (`OUTPUT_FILES`); in an existing folder only these files are replaced."""
     if jax.process_index() != 0:
         return
-    from asymvq_jax.train.logs import save_grid
     grids = results.pop("grids", {})
     with paths.atomic_output(out_dir, is_dir=True) as tmp:
         with open(os.path.join(tmp, "results.json"), "w") as f:
@@ -273,7 +256,7 @@ def write_outputs(results: dict, out_dir: str) -> None:
                 if rows:
                     labels = ("input", "masked input", "plain decode", "guided decode")[:len(rows[0])]
                     columns = {label: np.stack([r[j] for r in rows]) for j, label in enumerate(labels)}
-                    save_grid(os.path.join(tmp, f"{name}_{which}.png"), columns)
+                    files.save_grid(os.path.join(tmp, f"{name}_{which}.png"), columns)
     logging.info("wrote %s", out_dir)
 
 
@@ -281,34 +264,3 @@ def scalars(results: dict, prefix: str = "eval") -> dict[str, float]:
     """Flat {"eval/<decoder>/<mode>/<metric>": value} for TensorBoard and JSONL."""
     return {f"{prefix}/{mode}/{k}" if len(results["decoders"]) == 1 else f"{prefix}/{name}/{mode}/{k}": v
             for name, modes in results["decoders"].items() for mode, row in modes.items() for k, v in row.items()}
-
-
-
-def train_eval_images(config):
-    """The fixed eval split of a training config: TFDS `config.eval.split`, else the images of
-    `config.eval.path`, else those of the training folder (then not held out)."""
-    data, e = config.data, config.eval
-    if data.source == "tfds":
-        spec = f"tfds:{data.name}/{e.split}" + (f"@{data.data_dir}" if data.data_dir else "")
-    elif e.path:
-        spec = e.path
-    else:
-        spec = data.path if data.source == "folder" else data.source
-    return dataset_images(spec, e.num_images)
-
-
-def make_train_evaluator(config, graphdefs):
-    """`run(decoder_params, consts) -> {"eval/<mode>/<metric>": value}` on the config's eval split;
-    the images and masks are read once."""
-    from asymvq_jax.train.state import model_config
-    images = train_eval_images(config)
-    masks = load_masks(config.eval.masks, config.image_size, len(images))
-    model = model_config(config)
-
-    def run(params, consts) -> dict[str, float]:
-        decoder = Decoder("train", graphdefs["vae"], (params, consts["frozen"]), model)
-        lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
-        return scalars(evaluate([decoder], images, masks, image_size=config.image_size,
-                                batch_size=config.eval.batch_size or config.batch_size, lpips=lpips))
-
-    return run

@@ -18,7 +18,11 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
+
+from asymvq_jax import paths
+from asymvq_jax.losses.lpips_weights import load_torch_state_dict
 
 ENV_VAR = "ASYMVQ_FID_INCEPTION"
 BUILD_COMMAND = "python -m asymvq_jax.inception from-pth pt_inception-2015-12-05-6726825d.pth"
@@ -27,11 +31,7 @@ INPUT_SIZE = 299
 
 
 def default_weights_path() -> str:
-    """`$ASYMVQ_FID_INCEPTION`, else ~/.cache/asymvq_jax/fid_inception.safetensors."""
-    if os.environ.get(ENV_VAR):
-        return os.path.expanduser(os.environ[ENV_VAR])
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache, "asymvq_jax", "fid_inception.safetensors")
+    return paths.cached_file(ENV_VAR, "fid_inception.safetensors")
 
 
 def _pair(v):
@@ -237,11 +237,10 @@ def load(weights: str | os.PathLike | dict | None = None) -> InceptionV3:
     """The network with the weights of our file (default `default_weights_path()`) or a flat dict."""
     if weights is None or isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights or default_weights_path())
-        if not os.path.isfile(path):
+        if not paths.isfile(path):
             raise FileNotFoundError(f"FID Inception weight file not found: {path}\nBuild it with:  {BUILD_COMMAND}"
                                     f" --out {path}  (the .pth is pytorch-fid's published file)")
-        from safetensors.numpy import load_file
-        weights = load_file(path)
+        weights = safetensors.numpy.load(paths.read_bytes(path))
     want = expected_shapes()
     missing = sorted(set(want) - set(weights))
     bad = sorted(f"{k}: {tuple(weights[k].shape)} != {s}" for k, s in want.items()
@@ -260,13 +259,11 @@ def load(weights: str | os.PathLike | dict | None = None) -> InceptionV3:
 
 def build_from_pth(pth: str, out: str) -> str:
     """Our weight file from pytorch-fid's published `.pth` (read with torch, weights only)."""
-    from asymvq_jax import paths
-    from asymvq_jax.losses.lpips_weights import load_torch_state_dict
-    from safetensors.numpy import save_file
     weights = from_torch(load_torch_state_dict(pth))
     load(weights)  # every key present with its shape, or a clear error
     with paths.atomic_output(out, is_dir=False) as tmp:
-        save_file(weights, tmp, metadata={"format": "asymvq-fid-inception", "source": os.path.basename(pth)})
+        safetensors.numpy.save_file(weights, tmp,
+                                    metadata={"format": "asymvq-fid-inception", "source": paths.path(pth).name})
     return out
 
 

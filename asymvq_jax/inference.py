@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image
+from tqdm import tqdm
 
 from asymvq_jax import paths
 from asymvq_jax.checkpoint import load
+from asymvq_jax.files import existing, is_image, read_image, read_latents, read_mask, write_image
 from asymvq_jax.models import AutoencoderKL
 from asymvq_jax.models.blocks import group_norm_with, own_statistics
 
@@ -195,46 +196,10 @@ def _feature(decoder, kept: dict, level: int, image, mask):
 
 
 def _progress(total: int, enabled: bool, unit: str):
-    from tqdm import tqdm
     return tqdm(total=total, disable=not enabled or total <= 1, unit=unit, leave=False)
 
 
-# -- images and masks from files ---------------------------------------------------------------
-
-def read_image(path) -> np.ndarray:
-    """[H, W, 3] float32 in [-1, 1] from any image PIL reads."""
-    with Image.open(_existing(path)) as im:
-        return np.asarray(im.convert("RGB"), np.float32) / 127.5 - 1.0
-
-
-def read_mask(path) -> np.ndarray:
-    """[H, W, 1] float32, 1 = the hole; the file must hold two values only (black and white)."""
-    with Image.open(_existing(path)) as im:
-        m = np.asarray(im.convert("L"))
-    values = np.unique(m)
-    if not set(values.tolist()) <= {0, 255} and not set(values.tolist()) <= {0, 1}:
-        raise ValueError(f"{path}: the mask is not binary: {len(values)} grey levels (e.g. "
-                         f"{values[:6].tolist()}); save it as black (keep) and white (hole) PNG")
-    return (m > 0).astype(np.float32)[..., None]
-
-
-def write_image(path, x) -> None:
-    """Writes [H, W, 3] in [-1, 1] as 8-bit; whole or not at all."""
-    pixels = np.clip((np.asarray(x, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    with paths.atomic_output(path, is_dir=False) as tmp:
-        Image.fromarray(pixels).save(tmp, format=_format(path))
-
-
-def _format(path) -> str:
-    ext = os.path.splitext(os.fspath(path))[1].lower()
-    return {".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext, "PNG")
-
-
-def _existing(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no such file: {path}")
-    return path
-
+# -- whole images of any size ------------------------------------------------------------------
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     """Mirrors [H, W, C] past the bottom and right edges so H and W are multiples of `multiple`."""
@@ -242,8 +207,6 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
     pads = [(0, -h % multiple), (0, -w % multiple), (0, 0)]
     return np.pad(x, pads, mode="reflect" if min(h, w) > multiple else "edge")
 
-
-# -- whole images of any size ------------------------------------------------------------------
 
 def check_pair(image: np.ndarray, mask: np.ndarray) -> None:
     if image.shape[:-1] != mask.shape[:-1]:
@@ -286,55 +249,9 @@ def reconstruct(vae: AutoencoderKL, image: np.ndarray, mask: np.ndarray, *, tile
 
 # -- files in, PNG out (the decode.py commands) ------------------------------------------------
 
-def unpack_latents(packed, height: int, width: int, downscale: int = 8) -> np.ndarray:
-    """FLUX pipelines' packed latents [B, (h/2)(w/2), 4C] (each token a 2x2 patch, channel-major) for an
-    image of height x width pixels -> [B, h, w, C], with h = 2 * (height // (2 * downscale)) as they use."""
-    packed = np.asarray(packed)
-    h, w = 2 * (height // (2 * downscale)), 2 * (width // (2 * downscale))
-    b, n, c4 = packed.shape
-    if n != (h // 2) * (w // 2) or c4 % 4:
-        raise ValueError(f"packed latents of shape {packed.shape} do not fit a {width}x{height} image: "
-                         f"expected [B, {(h // 2) * (w // 2)}, 4 x channels]")
-    return packed.reshape(b, h // 2, w // 2, c4 // 4, 2, 2).transpose(0, 1, 4, 2, 5, 3).reshape(b, h, w, c4 // 4)
-
-
-def read_latents(path, channels: int, key: str | None = None, image_size: tuple[int, int] | None = None
-                 ) -> np.ndarray:
-    """[B, h, w, C] float32 from .npy or .safetensors holding [B, C, h, w] (torch) or [B, h, w, C], or
-    FLUX's packed [B, (h/2)(w/2), 4C] when `image_size` (H, W) is given (`unpack_latents`)."""
-    path = os.fspath(path)
-    _existing(path)
-    if path.endswith(".npy"):
-        z = np.load(path, allow_pickle=False)
-    elif path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-        tensors = load_file(path)
-        if key is None and len(tensors) != 1:
-            raise ValueError(f"{path} holds {sorted(tensors)}: name the latents' key")
-        z = tensors[key] if key is not None else next(iter(tensors.values()))
-    else:
-        raise ValueError(f"{path}: latents must be a .npy or .safetensors file")
-    if z.ndim == 3 and z.shape[-1] == 4 * channels and image_size is not None and z.shape[0] != channels:
-        return unpack_latents(z, *image_size).astype(np.float32)
-    z = z[None] if z.ndim == 3 else z
-    if z.ndim == 4 and z.shape[1] == channels:
-        z = z.transpose(0, 2, 3, 1)
-    if z.ndim != 4 or z.shape[-1] != channels:
-        raise ValueError(f"{path}: latents of shape {z.shape}; expected [B, {channels}, h, w] or [B, h, w, {channels}]")
-    return z.astype(np.float32)
-
-
 def check_output(out, sources, force: bool = False) -> None:
     """An output image never overlaps an input and replaces only an image (unless `force`)."""
-    paths.check_destination(out, sources=sources, force=force, what="an image", ours=_is_image)
-
-
-def _is_image(path) -> bool:
-    try:
-        with Image.open(paths.path(path).open("rb")) as im:
-            return bool(im.format)
-    except (OSError, ValueError):
-        return False
+    paths.check_destination(out, sources=sources, force=force, what="an image", ours=is_image)
 
 
 def reconstruct_file(model, image_path, mask_path, out, *, dtype=jnp.float32, step=None, allow_pickle=False,
@@ -358,13 +275,14 @@ def decode_file(model, latents_path, image_path, mask_path, out, *, scaled: bool
     check_output(out, inputs, force)
     image, mask = read_image(image_path), read_mask(mask_path)
     check_pair(image, mask)
-    _existing(latents_path)
+    existing(latents_path)
     vae = load(model, dtype=dtype, step=step, allow_pickle=allow_pickle)
     z = read_latents(latents_path, vae.config.latent_channels, key, image_size=image.shape[:2])
     if scaled:
         z = vae.config.unscale(z)
-    stem, ext = os.path.splitext(os.fspath(out))
-    outs = [os.fspath(out)] if len(z) == 1 else [f"{stem}_{i}{ext or '.png'}" for i in range(len(z))]
+    out = os.fspath(out)
+    stem, dot, ext = out.rpartition(".") if "." in paths.path(out).name else (out, "", "")
+    outs = [out] if len(z) == 1 else [f"{stem}_{i}{dot + ext or '.png'}" for i in range(len(z))]
     for path in outs:
         check_output(path, inputs, force)
     for path, y in zip(outs, decode_images(vae, z, image, mask, **kw)):

@@ -5,9 +5,13 @@ the authors' evaluation do. A mask is [B, H, W, 1] with 1 = hole (the generated 
 0 = known. A `weight` of the same shape selects the pixels a metric counts (None = all).
 """
 
+import io
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from asymvq_jax import paths
 
 SSIM_WINDOW, SSIM_SIGMA, SSIM_K1, SSIM_K2 = 11, 1.5, 0.01, 0.03
 REGIONS = ("whole", "hole", "known")
@@ -131,13 +135,6 @@ def summarize(values: dict) -> dict[str, float]:
     return out
 
 
-def region_report(x, y, mask, lpips=None) -> dict[str, float]:
-    """PSNR and SSIM over the whole image, the hole and the known region, pre_error, and LPIPS
-    when a module is given; each averaged over the batch."""
-    return summarize(jax.device_get(per_image(x, y, mask, lpips)))
-
-
-
 class FeatureStats:
     """Mean and covariance of feature vectors, accumulated over a dataset in float64 on the host."""
 
@@ -179,12 +176,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 def save_fid_stats(path: str, mu, sigma) -> None:
     """Writes pytorch-fid's `.npz` format (`mu`, `sigma`)."""
-    np.savez(path, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    out = io.BytesIO()
+    np.savez(out, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64))
+    paths.write_bytes(path, out.getvalue())
 
 
 def load_fid_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     """Reads a pytorch-fid `.npz` (`mu` [D], `sigma` [D, D]), checking both are there and fit."""
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as f:
         missing = {"mu", "sigma"} - set(f.files)
         if missing:
             raise ValueError(f"{path}: not FID statistics, missing {sorted(missing)} (has {f.files})")

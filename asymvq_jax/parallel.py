@@ -11,8 +11,10 @@ import os
 
 import jax
 import numpy as np
+from jax._src import cloud_tpu_init  # jax's own TPU VM check, as its cluster detection uses it
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from orbax.checkpoint import multihost
 
 DATA, FSDP = "data", "fsdp"
 AXES = (DATA, FSDP)
@@ -45,7 +47,6 @@ def initialize(config) -> None:
 
 
 def on_tpu_vm() -> bool:
-    from jax._src import cloud_tpu_init  # jax's own check, as its cluster detection uses it
     return bool(cloud_tpu_init.running_in_cloud_tpu_vm)
 
 
@@ -131,12 +132,11 @@ def batch_spec(config, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
 def sync_hosts(name: str, timeout_s: int = 3600) -> None:
     """A barrier through the coordinator rather than a device collective, patient with slow hosts."""
     if jax.process_count() > 1:
-        from orbax.checkpoint import multihost
         multihost.sync_global_processes(name, timeout=timeout_s)
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+def check_batch_size(batch_size: int, *, devices: int = 1, hosts: int = 1, what: str = "config.batch_size") -> None:
     """The one divisibility check: every device and every host gets an equal part."""
-    for parts, what in ((mesh.size, "devices of the mesh"), (jax.process_count(), "hosts")):
+    for parts, name in ((devices, "devices of the mesh"), (hosts, "hosts")):
         if batch_size % parts:
-            raise ValueError(f"config.batch_size={batch_size} must be divisible by the {parts} {what}")
+            raise ValueError(f"{what}={batch_size} is not divisible by the {parts} {name}")

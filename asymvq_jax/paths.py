@@ -46,9 +46,16 @@ def path(p: PathLike) -> epath.Path:
 def _configure_gcsfs(url: str) -> None:
     if importlib.util.find_spec("gcsfs") is None:
         raise ImportError(f"{url}: gs:// paths need gcsfs: pip install 'asymvq-jax[gcs]'")
-    import fsspec
+    import fsspec  # comes with the optional gcsfs
     # No cached listings: other hosts and tensorstore (orbax's arrays) write into the same folders.
     fsspec.config.conf.setdefault("gs", {}).setdefault("use_listings_cache", False)
+
+
+def cached_file(env_var: str, name: str) -> str:
+    """`$env_var` if set, else `name` in ~/.cache/asymvq_jax (`$XDG_CACHE_HOME` honoured)."""
+    if os.environ.get(env_var):
+        return os.fspath(path(os.environ[env_var]))
+    return join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "asymvq_jax", name)
 
 
 def join(p: PathLike, *names: str) -> str:
@@ -98,7 +105,7 @@ def local_copy(p: PathLike):
     if not is_remote(p):
         yield os.fspath(path(p))
         return
-    with tempfile.NamedTemporaryFile(suffix=os.path.splitext(os.fspath(p))[1]) as f:
+    with tempfile.NamedTemporaryFile(suffix=path(p).suffix) as f:
         f.write(read_bytes(p))
         f.flush()
         yield f.name

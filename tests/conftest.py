@@ -48,12 +48,25 @@ def logged(workdir) -> dict[int, dict]:
     return merged
 
 
+def sample_photos_dir(dst) -> str:
+    """The bundled training photos as PNGs in `dst`: an image folder for `source='folder'`."""
+    from PIL import Image
+
+    from asymvq_jax.data import TRAIN_PHOTOS, bundled_photo
+    dst = os.fspath(dst)
+    os.makedirs(dst, exist_ok=True)
+    for name in TRAIN_PHOTOS:
+        path = os.path.join(dst, f"{name}.png")
+        if not os.path.exists(path):
+            Image.fromarray(bundled_photo(name)).save(path)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, str]:
     """The bundled training photos and a random-weight LPIPS file, written once per session."""
     from safetensors.numpy import save_file
 
-    from asymvq_jax.data import sample_photos_dir
     root = tmp_path_factory.mktemp("assets")
     save_file(random_lpips(), str(root / "lpips.safetensors"))
     return {"photos": sample_photos_dir(root / "photos"), "lpips": str(root / "lpips.safetensors")}

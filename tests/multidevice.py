@@ -162,10 +162,11 @@ def host(record_dir: str, *train_args: str) -> None:
     from absl import app
 
     import train
-    from asymvq_jax.train import logs, loop
+    from asymvq_jax import files
+    from asymvq_jax.train import loop
 
     seen = {"batches": [], "grids": 0}
-    make_iterator, save_grid = loop.make_train_iterator, logs.save_grid
+    make_iterator, save_grid = loop.make_train_iterator, files.save_grid
 
     class Watched:
         def __init__(self, *args, **kwargs):
@@ -186,7 +187,7 @@ def host(record_dir: str, *train_args: str) -> None:
         seen["grids"] += 1
         save_grid(*args)
 
-    loop.make_train_iterator, logs.save_grid = Watched, counted_grid
+    loop.make_train_iterator, files.save_grid = Watched, counted_grid
     try:
         app.run(train.main, argv=["train.py", *train_args])
     except SystemExit as e:

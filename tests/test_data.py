@@ -18,8 +18,8 @@ from asymvq_jax.data import (
     decode_rgb,
     list_images,
     make_train_iterator,
-    sample_photos_dir,
 )
+from tests.conftest import sample_photos_dir
 
 SIZE = 32
 

@@ -86,7 +86,7 @@ def test_eval_during_training_is_logged(run):
 @pytest.fixture(scope="module")
 def single(run):
     """The same evaluation in this process, on its one device."""
-    return evaluate.evaluate([evaluate.load_decoder(run["workdir"]), evaluate.load_decoder(run["sd"])],
+    return evaluate.evaluate([evaluate.load_candidate(run["workdir"]), evaluate.load_candidate(run["sd"])],
                              evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE),
                              image_size=SIZE, batch_size=8, lpips=LPIPS(run["lpips"]))
 
@@ -120,7 +120,7 @@ def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path)
 
 @pytest.mark.slow
 def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
-    decoder = evaluate.load_decoder(run["workdir"])
+    decoder = evaluate.load_candidate(run["workdir"])
     images, masks = evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE)
     vae = nnx.merge(decoder.graphdef, *decoder.states)
     for batch, names in evaluate.eval_batches(images, masks, SIZE, 8):

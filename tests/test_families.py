@@ -198,7 +198,7 @@ def test_cli_family(tmp_path):
 def test_sixteen_channels_without_quant_convs_through_inference():
     """A FLUX-family asymmetric model: the batch-1 image/mask broadcast, the mask-guided decode,
     tiling (stage by stage) and bf16 all run without quant convs on 16 channels."""
-    from asymvq_jax import inference
+    from asymvq_jax import inference, load
     from tests.test_inference import JIT_TOL, random_model
     cfg = VAEConfig(down_block_out_channels=(32, 32, 64, 64), layers_per_down_block=1,
                     up_block_out_channels=(32, 64, 64, 64), layers_per_up_block=1, norm_num_groups=8,
@@ -215,7 +215,7 @@ def test_sixteen_channels_without_quant_convs_through_inference():
                                                   jnp.asarray(np.repeat(mask, 2, 0))), atol=JIT_TOL)
     # One tile: the stage-by-stage tiled path (mid block first) is the untiled decode.
     np.testing.assert_allclose(inference.decode_tiled(vae, z, x, mask, tile=4, overlap=1), guided, atol=JIT_TOL)
-    bf16 = inference.decode(inference.load_model(vae, dtype="bfloat16"), z, x, mask)
+    bf16 = inference.decode(load(vae, dtype="bfloat16"), z, x, mask)
     assert bf16.dtype == jnp.bfloat16
     assert 0 < float(np.abs(np.asarray(bf16, np.float32) - guided).max()) < 0.1 * np.abs(guided).max()
 
@@ -227,7 +227,7 @@ def test_scaled_and_packed_latents_decode_as_unscaled(name, tmp_path):
     import decode as decode_cli
     from PIL import Image
 
-    from asymvq_jax import inference
+    from asymvq_jax import files
     from tests.test_inference import random_model
     cfg = VAEConfig(down_block_out_channels=(32, 32, 64, 64), layers_per_down_block=1,
                     up_block_out_channels=(32, 64, 64, 64), layers_per_up_block=1, norm_num_groups=8,
@@ -246,7 +246,7 @@ def test_scaled_and_packed_latents_decode_as_unscaled(name, tmp_path):
         assert tuple(scaled.shape) == (2, 12, 64)
     np.save(tmp_path / "scaled.npy", scaled.numpy())
     np.save(tmp_path / "z.npy", z)
-    np.testing.assert_allclose(cfg.unscale(inference.read_latents(tmp_path / "scaled.npy", 16, image_size=(48, 64))),
+    np.testing.assert_allclose(cfg.unscale(files.read_latents(tmp_path / "scaled.npy", 16, image_size=(48, 64))),
                                z.transpose(0, 2, 3, 1), atol=1e-6)
     common = ["decode", "--model", str(tmp_path / "model"), "--image", str(tmp_path / "image.png"),
               "--mask", str(tmp_path / "mask.png")]

@@ -8,6 +8,7 @@ covered here.
 """
 
 import contextlib
+import json
 import importlib.util
 import io
 import os
@@ -202,3 +203,94 @@ def test_gs_destinations_are_checked_like_local_ones(bucket):
     save_pretrained(vae, f"{bucket}/mine", format="diffusers", force=True)
     assert paths.read_text(f"{bucket}/mine/notes.txt") == "mine"
     assert from_pretrained(f"{bucket}/mine").config == vae.config
+
+
+@pytest.fixture(scope="module")
+def inputs(bucket, tmp_path_factory):
+    """An asymmetric tiny model, the bucket's photos, masks and the photos' latents (scaled, in
+    diffusers' layout, as a pipeline hands them over), each on the bucket and in a local folder."""
+    from flax import nnx
+
+    from asymvq_jax import inference, save_pretrained
+    from asymvq_jax.data.evalset import center_crop_resize, folder_images
+    from asymvq_jax.data.folder import decode_rgb
+    from asymvq_jax.data.masks import example_rng, lama_mask
+    from asymvq_jax.models import AutoencoderKL
+    from asymvq_jax.train.state import model_config
+
+    local = tmp_path_factory.mktemp("eval_inputs")
+    vae = AutoencoderKL(model_config(tiny_config.get_config()), rngs=nnx.Rngs(3))
+    files = {}
+    for name, src in folder_images(f"{bucket}/photos"):
+        files[f"photos/{name}.png"] = paths.read_bytes(src)
+        z = inference.encode(vae, center_crop_resize(decode_rgb(src)[0], 32)[None]) * vae.config.scaling_factor
+        buffer = io.BytesIO()
+        np.save(buffer, np.asarray(z).transpose(0, 3, 1, 2))
+        files[f"latents/{name}.npy"] = buffer.getvalue()
+    for i in range(3):
+        files[f"masks/{i}.png"] = _png((lama_mask(example_rng(1, i), 32, 32)[..., 0] * 255).astype(np.uint8))
+    for where in (str(local), f"{bucket}/eval_inputs"):
+        for name, data in files.items():
+            paths.write_bytes(paths.join(where, name), data)
+        save_pretrained(vae, paths.join(where, "asym"), format="diffusers")
+    return vae, str(local), f"{bucket}/eval_inputs"
+
+
+def _png(pixels) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_eval_py_with_every_path_on_gs_equals_the_local_run(bucket, inputs, tmp_path):
+    import eval as eval_cli
+    _, local, remote = inputs
+
+    def evaluate(where, lpips, out):
+        return eval_cli.main(["--decoder", f"{where}/asym", "--data", f"{where}/photos", "--masks", f"{where}/masks",
+                              "--latents", f"{where}/latents", "--lpips", lpips, "--fid_inception", "",
+                              "--image_size", "32", "--batch_size", "2", "--grids", "2", "--out", out])
+
+    lpips = str(tmp_path / "lpips.safetensors")
+    paths.write_bytes(lpips, paths.read_bytes(f"{bucket}/lpips.safetensors"))
+    want = evaluate(local, lpips, str(tmp_path / "out"))["decoders"]["asym"]
+    got = evaluate(remote, f"{bucket}/lpips.safetensors", f"{bucket}/eval_out")["decoders"]["asym"]
+    assert "lpips/whole" in got["guided"]  # the LPIPS weights on the bucket were read
+    saved = json.loads(paths.read_text(f"{bucket}/eval_out/results.json"))["decoders"]["asym"]
+    assert got.keys() == want.keys() == saved.keys() == {"plain", "guided"}
+    for mode in got:
+        assert got[mode] == pytest.approx(want[mode], rel=1e-6, abs=1e-7) and saved[mode] == pytest.approx(got[mode])
+    assert "| asym | guided |" in paths.read_text(f"{bucket}/eval_out/results.md")
+    for which in ("worst", "best"):
+        assert Image.open(io.BytesIO(paths.read_bytes(f"{bucket}/eval_out/asym_{which}.png"))).mode == "RGB"
+    assert not os.path.exists("gs:"), "a gs:// output was written as a local folder"
+
+
+def test_decode_py_with_every_path_on_gs(bucket, inputs):
+    import decode as decode_cli
+    from asymvq_jax import inference
+    from asymvq_jax.files import read_image, read_mask
+
+    vae, _, remote = inputs
+    photo = np.asarray(Image.open(io.BytesIO(paths.read_bytes(f"{remote}/photos/astronaut.png"))))[:36, :40]
+    mask = np.zeros((36, 40), np.uint8)
+    mask[8:30, 10:25] = 255
+    z = np.random.default_rng(2).normal(size=(1, 5, 5, vae.config.latent_channels)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.save(buffer, (z * vae.config.scaling_factor).transpose(0, 3, 1, 2))
+    for name, data in (("photo.png", _png(photo)), ("mask.png", _png(mask)), ("z.npy", buffer.getvalue())):
+        paths.write_bytes(f"{bucket}/decode/{name}", data)
+    files = ["--model", f"{remote}/asym", "--image", f"{bucket}/decode/photo.png", "--mask", f"{bucket}/decode/mask.png"]
+    assert decode_cli.main(["decode", *files, "--latents", f"{bucket}/decode/z.npy", "--scaled",
+                            "--out", f"{bucket}/decode/out.png"]) == 0
+    assert decode_cli.main(["reconstruct", *files, "--out", f"{bucket}/decode/side_by_side.png"]) == 0
+
+    image, hole = read_image(f"{bucket}/decode/photo.png"), read_mask(f"{bucket}/decode/mask.png")
+    plain, guided = inference.reconstruct(vae, image, hole)
+    expected = {"out.png": inference.decode_images(vae, z, image, hole)[0],
+                "side_by_side.png": np.concatenate([image, image * (1 - hole), plain, guided], axis=1)}
+    for name, want in expected.items():
+        written = np.asarray(Image.open(io.BytesIO(paths.read_bytes(f"{bucket}/decode/{name}")))).astype(int)
+        assert written.shape == want.shape
+        assert np.abs(written - np.clip(np.round((want + 1) * 127.5), 0, 255)).max() <= 1, name
+    assert not os.path.exists("gs:"), "a gs:// output was written as a local folder"

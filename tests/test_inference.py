@@ -17,6 +17,7 @@ from PIL import Image
 import decode as decode_cli
 import asymvq_jax
 from asymvq_jax import inference, save_pretrained
+from asymvq_jax.files import read_image, read_mask
 from asymvq_jax.models import VAEConfig
 from asymvq_jax.models.blocks import attend
 
@@ -265,14 +266,14 @@ def test_reconstruct_cli_writes_side_by_side(files, vae, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     written = np.asarray(Image.open(out)).astype(int)
     assert written.shape == (101, 4 * 130, 3)
-    image, mask = inference.read_image(files["image"]), inference.read_mask(files["mask"])
+    image, mask = read_image(files["image"]), read_mask(files["mask"])
     plain, guided = inference.reconstruct(vae, image, mask)
     expected = np.concatenate([image, image * (1 - mask), plain, guided], axis=1)
     assert np.abs(written - to_uint8(expected)).max() <= 1
 
 
 def test_decode_cli_scaled_latents_in_torch_layout(files, vae, tmp_path):
-    image, mask = inference.read_image(files["image"]), inference.read_mask(files["mask"])
+    image, mask = read_image(files["image"]), read_mask(files["mask"])
     z = np.random.default_rng(1).normal(size=(2, 13, 17, 4)).astype(np.float32)
     np.save(tmp_path / "z.npy", (z * SMALL.scaling_factor).transpose(0, 3, 1, 2))  # as a sampler saves them
     out = tmp_path / "out.png"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from asymvq_jax import metrics
-from asymvq_jax.data import sample_photos_dir
 from asymvq_jax.data.folder import decode_rgb, list_images
 from asymvq_jax.losses.lpips import LPIPS, expected_shapes
+from tests.conftest import sample_photos_dir
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +96,13 @@ def test_regions_partition_the_whole_image(photos):
     np.testing.assert_allclose(mse(None), (n_hole * mse(mask) + (n - n_hole) * mse(1 - mask)) / n, rtol=1e-5)
 
 
-def test_region_report(photos):
+def test_summarized_regions(photos):
     x, y = photos
     mask = half_mask(len(x), *x.shape[1:3])
     mask[1] = 1.0                                            # no known region: left out of the known means
     rng = np.random.default_rng(0)
     lpips = LPIPS({k: rng.normal(0, 0.1, s).astype(np.float32) for k, s in expected_shapes().items()})
-    report = metrics.region_report(x, y, mask, lpips=lpips)
+    report = metrics.summarize(metrics.per_image(x, y, mask, lpips))
     assert set(report) == {f"{m}/{r}" for m in ("psnr", "ssim") for r in metrics.REGIONS} | {
         "pre_error", "lpips/whole"}
     known = np.array([0, 2, 3])
@@ -115,7 +115,7 @@ def test_region_report(photos):
 def test_bad_shapes_are_named():
     x = np.zeros((2, 32, 32, 3), np.float32)
     with pytest.raises(ValueError, match=r"\(2, 32, 32, 1\).*\(2, 16, 16, 1\)"):
-        metrics.region_report(x, x, np.zeros((2, 16, 16, 1), np.float32))
+        metrics.per_image(x, x, np.zeros((2, 16, 16, 1), np.float32))
     with pytest.raises(ValueError, match="equal shape"):
         metrics.psnr(x, x[:1])
     with pytest.raises(ValueError, match="at least 11x11"):

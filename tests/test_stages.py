@@ -12,6 +12,7 @@ from flax import nnx
 from asymvq_jax import checkpoint, from_pretrained, save_pretrained
 from asymvq_jax.data import batch_for_step, held_out_batch
 from asymvq_jax.train import stages
+from asymvq_jax.train.evaluator import held_out_report
 from asymvq_jax.train.state import build, merge_vae, pretrained_source
 from configs import local
 
@@ -51,6 +52,10 @@ def frozen_parts(vae) -> dict[str, np.ndarray]:
 def untrained(config):
     graphdefs, state, consts, _, _ = build(config)
     return merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
+
+
+def report(config, vae):
+    return held_out_report(config, vae, stages.TABLE_EXAMPLES)
 
 
 def test_full_autoencoder_mode_trains_the_encoder(run):
@@ -129,12 +134,12 @@ def test_restart_skips_finished_stages_and_prints_the_table(run, capsys):
 
 def test_trained_plain_decode_beats_the_untrained_model(run):
     config, workdir = run
-    final = stages.evaluate(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
-    before = stages.evaluate(config.autoencoder, untrained(config.autoencoder))
+    final = report(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
+    before = report(config.autoencoder, untrained(config.autoencoder))
     assert final["plain"]["psnr/whole"] > before["plain"]["psnr/whole"] + TRAINED_MARGIN_DB, (final, before)
 
 
 def test_guided_decode_beats_the_plain_one_on_the_known_region(run):
     config, workdir = run
-    final = stages.evaluate(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
+    final = report(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
     assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"] + GUIDED_MARGIN_DB, final

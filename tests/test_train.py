@@ -1,5 +1,6 @@
 """Training end to end on a tiny decoder: learning, frozen encoder, GAN schedule, resume, SIGTERM."""
 
+import json
 import os
 import signal
 import subprocess
@@ -185,7 +186,7 @@ def test_damaged_checkpoints_are_skipped_named_and_kept(assets, uninterrupted, t
     train(config(assets), workdir)  # resumes at step 2, runs to step 6
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2", "4", "4.unreadable", "6",
                                                                          "6.unreadable"]
-    want, got = losses(uninterrupted), losses(workdir)
+    want, got = logged(uninterrupted), logged(workdir)
     for step in range(3, 7):
         for term in ("loss", "nll", "d_loss", "known_mse"):
             assert got[step][term] == want[step][term], (step, term, got[step][term], want[step][term])

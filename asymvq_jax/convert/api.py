@@ -4,8 +4,12 @@ import logging
 import os
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
+from asymvq_jax.models.autoencoder import AutoencoderKL
 from asymvq_jax.models.config import VAEConfig
 
 from . import keys as K
@@ -82,34 +86,22 @@ def flax_params_to_diffusers(params: dict[K.Path, np.ndarray]) -> dict[str, np.n
 # the NNX model
 # --------------------------------------------------------------------------------------------
 
-def _model_class():
-    from asymvq_jax.models.autoencoder import AutoencoderKL
-    return AutoencoderKL
-
-
 def abstract_model(cfg: VAEConfig, *, dtype=None, param_dtype=None):
     """The model's structure and shapes, without running its initialisers."""
-    import jax.numpy as jnp
-    from flax import nnx
-    cls = _model_class()
     dtype = jnp.float32 if dtype is None else dtype
     param_dtype = jnp.float32 if param_dtype is None else param_dtype
 
     def make():
-        return cls(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
+        return AutoencoderKL(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype)
     return make, nnx.eval_shape(make)
 
 
 def expected_shapes(abstract) -> dict[K.Path, tuple[int, ...]]:
-    from flax import nnx
     return {tuple(p): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 
 
 def build_model(cfg: VAEConfig, params: dict[K.Path, np.ndarray], *, dtype=None, param_dtype=None):
     """An AutoencoderKL holding `params` (Flax layout); every parameter must be given."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
     make, abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype)
     graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
     flat = nnx.to_flat_state(abs_params)
@@ -127,7 +119,6 @@ def build_model(cfg: VAEConfig, params: dict[K.Path, np.ndarray], *, dtype=None,
 
 
 def model_params(vae) -> dict[K.Path, np.ndarray]:
-    from flax import nnx
     return {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
             for p, v in nnx.to_flat_state(nnx.state(vae, nnx.Param))}
 

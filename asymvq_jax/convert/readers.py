@@ -14,7 +14,9 @@ import os
 import re
 from collections import Counter
 
+import ml_dtypes
 import numpy as np
+from safetensors import SafetensorError, safe_open
 
 from asymvq_jax import paths
 from asymvq_jax.models.config import FAMILIES, PRESETS, ConfigError, VAEConfig
@@ -46,7 +48,6 @@ class Checkpoint:
     config: VAEConfig
     layout: str  # "diffusers" | "ldm" | "sd-full" | "asymmetric-vqgan" | "asymvq"
     source: str
-    dropped: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def preset_name(self) -> str:
@@ -63,7 +64,6 @@ class Checkpoint:
 
 def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Tensors and metadata of a .safetensors file, with numpy only (no torch, no pickle)."""
-    from safetensors import SafetensorError, safe_open
     try:
         with paths.local_copy(path) as local, safe_open(local, framework="numpy") as f:
             metadata = f.metadata() or {}
@@ -74,10 +74,9 @@ def read_safetensors(path: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
 
 
 def _torch_to_numpy(t) -> np.ndarray:
-    import torch
+    import torch  # optional: only pickles need it
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
-        import ml_dtypes
         return t.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
 
@@ -90,7 +89,7 @@ def read_pickle(path: str, allow_pickle: bool) -> dict[str, np.ndarray]:
             "is refused by default. If you trust the file, pass allow_pickle=True (CLI: --allow-pickle); "
             "it is then read with torch.load(weights_only=True). Better: convert it to .safetensors once.")
     try:
-        import torch
+        import torch  # optional: only pickles need it
     except ImportError as e:
         raise ImportError(f"reading the pickle {path} needs torch (pip install 'asymvq-jax[torch]')") from e
     try:
@@ -155,10 +154,9 @@ def _legacy_attention(key: str) -> str:
     return f"{m.group(1)}{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}" if m else key
 
 
-def to_diffusers_layout(tensors: dict[str, np.ndarray], layout: str, source: str
-                        ) -> tuple[dict[str, np.ndarray], list[str]]:
+def to_diffusers_layout(tensors: dict[str, np.ndarray], layout: str, source: str) -> dict[str, np.ndarray]:
     """Rename to diffusers keys (torch layout). Unknown keys keep their name, so that the model
-    check reports them as unexpected; keys that no model uses are dropped and returned."""
+    check reports them as unexpected; keys that no model uses are dropped (and logged)."""
     dropped: list[str] = []
     if layout == "sd-full":
         dropped = [k for k in tensors if not k.startswith("first_stage_model.")]
@@ -189,7 +187,7 @@ def to_diffusers_layout(tensors: dict[str, np.ndarray], layout: str, source: str
         tensors = out
     if dropped:
         log.info("%s: dropped %d keys no model uses: %s", source, len(dropped), summarize_prefixes(dropped))
-    return tensors, dropped
+    return tensors
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +394,7 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
             raise CorruptFileError(f"{weights}: bad asymvq_config metadata: {e}") from e
     layout = detect_layout(tensors)
     said = family_said(tensors, metadata)
-    tensors, dropped = to_diffusers_layout(tensors, layout, weights)
+    tensors = to_diffusers_layout(tensors, layout, weights)
     if config is not None:
         cfg = config
     elif json_cfg is not None:
@@ -405,7 +403,7 @@ def read_checkpoint(path: str, *, allow_pickle: bool = False, config: VAEConfig 
     else:
         cfg = family_config(tensors, said, family, weights)
     tensors = drop_identity_quant_convs(tensors, cfg, weights)
-    ckpt = Checkpoint(tensors=tensors, config=cfg, layout=layout, source=weights, dropped=dropped)
+    ckpt = Checkpoint(tensors=tensors, config=cfg, layout=layout, source=weights)
     how = ("config given" if config else "its config" if json_cfg else f"said by {said[1]}" if said and not family
            else "family given" if family else "from the latent channels")
     log.info("%s: format %s, family %s (%s), preset %s (%s decoder, down %s x%d, up %s x%d, latent %d)", path,

@@ -28,10 +28,12 @@ that exists must be a previous export of the same format (`check_destination`), 
 a forced export replaces only the files it writes there.
 """
 
+import importlib.metadata
 import json
 import os
 
 import numpy as np
+import safetensors.numpy
 
 from asymvq_jax.models.config import VAEConfig
 from asymvq_jax import paths
@@ -77,15 +79,13 @@ def _exported_file_kind(path: str) -> str | None:
 
 
 def _save_safetensors(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
-    from safetensors.numpy import save_file
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path, metadata=metadata)
 
 
 def _diffusers_version() -> str:
     try:
-        from importlib.metadata import version
-        return version("diffusers")
-    except Exception:
+        return importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
         return _FALLBACK_DIFFUSERS_VERSION
 
 

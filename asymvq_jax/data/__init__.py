@@ -13,7 +13,6 @@ from asymvq_jax.data.folder import (
     bundled_photo,
     decode_rgb,
     list_images,
-    sample_photos_dir,
 )
 from asymvq_jax.data.masks import (
     MASK_VARIANTS,
@@ -44,7 +43,6 @@ __all__ = [
     "BadImageError",
     "decode_rgb",
     "list_images",
-    "sample_photos_dir",
     "MASK_VARIANTS",
     "MaskParams",
     "example_rng",

@@ -7,18 +7,21 @@ mask with more than half the image as hole (or none) is drawn again.
 """
 
 import argparse
+import io
 import os
 
 import numpy as np
 from PIL import Image
 
+from asymvq_jax import paths
+from asymvq_jax.parallel import check_batch_size
 from asymvq_jax.data.folder import BadImageError, decode_rgb, list_images
-from asymvq_jax.data.masks import MASK_VARIANTS, example_rng, lama_mask
+from asymvq_jax.data.masks import MASK_VARIANTS, Stream, example_rng, lama_mask
+from asymvq_jax.data.tfds import _open_builder, import_tfds
 
 MASK_SETS = tuple(MASK_VARIANTS)
 MASKS_DIR = os.path.join(os.path.dirname(__file__), "eval_masks")
 MASKS_PER_SET, MASK_SEED, MAX_HOLE = 200, 0, 0.5
-_TAG_EVAL_MASK = 11  # RNG stream of the eval masks, apart from the training ones
 
 
 def draw_mask_set(name: str, n: int = MASKS_PER_SET, seed: int = MASK_SEED, size: int = 0) -> np.ndarray:
@@ -28,7 +31,7 @@ def draw_mask_set(name: str, n: int = MASKS_PER_SET, seed: int = MASK_SEED, size
     out = []
     for i in range(n):
         for attempt in range(1000):
-            m = lama_mask(example_rng(seed, _TAG_EVAL_MASK, k, i, attempt), size, size, name)[..., 0]
+            m = lama_mask(example_rng(seed, Stream.EVAL_MASK, k, i, attempt), size, size, name)[..., 0]
             if 0 < m.mean() <= MAX_HOLE:
                 break
         out.append(m.astype(np.uint8))
@@ -37,9 +40,10 @@ def draw_mask_set(name: str, n: int = MASKS_PER_SET, seed: int = MASK_SEED, size
 
 def write_mask_sets(dst: str = MASKS_DIR, n: int = MASKS_PER_SET, seed: int = MASK_SEED) -> None:
     for name in MASK_SETS:
-        os.makedirs(os.path.join(dst, name), exist_ok=True)
         for i, m in enumerate(draw_mask_set(name, n, seed)):
-            Image.fromarray(m * 255).save(os.path.join(dst, name, f"{i:04d}.png"), optimize=True)
+            png = io.BytesIO()
+            Image.fromarray(m * 255).save(png, format="PNG", optimize=True)
+            paths.write_bytes(paths.join(dst, name, f"{i:04d}.png"), png.getvalue())
 
 
 def load_masks(source: str, size: int, count: int = MASKS_PER_SET) -> np.ndarray:
@@ -49,12 +53,12 @@ def load_masks(source: str, size: int, count: int = MASKS_PER_SET) -> np.ndarray
     (its first `count` masks)."""
     if source in MASK_SETS and size != MASK_VARIANTS[source].base_size:
         return draw_mask_set(source, min(count, MASKS_PER_SET), size=size).astype(np.float32)[..., None]
-    folder = os.path.join(MASKS_DIR, source) if source in MASK_SETS else source
-    if not os.path.isdir(folder):
+    folder = paths.join(MASKS_DIR, source) if source in MASK_SETS else source
+    if not paths.isdir(folder):
         raise FileNotFoundError(f"mask set {source!r}: neither a known set {MASK_SETS} nor a folder")
     masks = []
     for path in list_images(folder):
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(paths.read_bytes(path))) as im:
             m = np.asarray(im.convert("L"), np.float32) / 255.0
         if m.shape != (size, size):
             raise ValueError(f"mask {path} is {m.shape[1]}x{m.shape[0]}, the images are {size}x{size}; "
@@ -75,13 +79,14 @@ def center_crop_resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 def folder_images(path: str):
-    """(name, encoded source) of every image of a folder, in sorted order."""
-    return [(os.path.splitext(os.path.relpath(p, path))[0], p) for p in list_images(path)]
+    """(name, encoded source) of every image of a folder, in sorted order; the name is the file's
+    path under the folder, without its extension."""
+    root = paths.join(path)  # as `list_images` spells the files: absolute, or a URL
+    return [(p[len(root):].lstrip("/").rsplit(".", 1)[0], p) for p in list_images(path)]
 
 
 def tfds_images(name: str, split: str, data_dir: str | None, image_key: str = "image", limit: int = 0):
     """(name, encoded bytes) of a TFDS split, in the split's stored order."""
-    from asymvq_jax.data.tfds import _open_builder, import_tfds
     _, tfds = import_tfds()
     builder = _open_builder(name, data_dir)
     if split not in builder.info.splits:
@@ -103,8 +108,7 @@ def eval_batches(images, masks: np.ndarray, size: int, batch_size: int, *, limit
     images = images[:limit] if limit else images
     if not images:
         raise ValueError("the evaluation dataset has no images")
-    if batch_size % process_count:
-        raise ValueError(f"eval batch size {batch_size} is not divisible by {process_count} processes")
+    check_batch_size(batch_size, hosts=process_count, what="eval batch size")
     per_host = batch_size // process_count
     for start in range(0, len(images), batch_size):
         idx = list(range(start, min(start + batch_size, len(images))))

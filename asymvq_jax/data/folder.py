@@ -13,11 +13,13 @@ nothing is cached). `HELD_OUT_PHOTOS` feed the sample grids and the end-of-run t
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 import os
 import warnings
 
 import numpy as np
+import skimage.data
 from PIL import Image
 
 from asymvq_jax import paths
@@ -109,29 +111,15 @@ def bundled_photo(name: str) -> np.ndarray:
         raise ValueError(f"{name!r} is not a bundled photo; known: {', '.join(BUNDLED_PHOTOS)}")
     if name in WHEEL_PHOTOS:
         return wheel_photo(*WHEEL_PHOTOS[name])
-    import skimage.data
     img = skimage.data.stereo_motorcycle()[0] if name == "motorcycle_left" else getattr(skimage.data, name)()
     return np.repeat(img[..., None], 3, axis=-1) if img.ndim == 2 else img
 
 
 def wheel_photo(distribution: str, file: str) -> np.ndarray:
     """A photo file inside an installed wheel, found through its metadata (the package is not imported)."""
-    from importlib import metadata
     try:
-        path = metadata.distribution(distribution).locate_file(file)
-    except metadata.PackageNotFoundError:
+        path = importlib.metadata.distribution(distribution).locate_file(file)
+    except importlib.metadata.PackageNotFoundError:
         raise ValueError(f"{file} ships in {distribution}, which is not installed (bash scripts/setup.sh installs it)") from None
     return decode_rgb(str(path))[0]
 
-
-def sample_photos_dir(dst: str | os.PathLike, names: tuple[str, ...] = TRAIN_PHOTOS) -> str:
-    """Writes bundled photos into `dst` as PNGs (an image folder for `source='folder'`); returns `dst`."""
-    dst = os.fspath(dst)
-    paths.makedirs(dst)
-    for name in names:
-        path = paths.join(dst, f"{name}.png")
-        if not paths.exists(path):
-            png = io.BytesIO()
-            Image.fromarray(bundled_photo(name)).save(png, format="PNG")
-            paths.write_bytes(path, png.getvalue())
-    return dst

@@ -41,6 +41,7 @@ Lines are drawn with PIL ``ImageDraw`` (no OpenCV dependency).
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 import numpy as np
@@ -107,6 +108,14 @@ def _params(variant: str | MaskParams) -> MaskParams:
         raise ValueError(
             f"unknown mask variant {variant!r}; expected one of {sorted(MASK_VARIANTS)}"
         ) from None
+
+
+class Stream(enum.IntEnum):
+    """The input's random streams: each draws from `example_rng(seed, tag, ...)` with its own tag,
+    so no two draw the same numbers."""
+    PERM, CROP, MASK, RETRY, HELD_OUT_CROP, HELD_OUT_MASK = 1, 2, 3, 4, 5, 6
+    EVAL_MASK = 11
+    TFDS_EPOCH = 101
 
 
 def example_rng(*keys: int) -> np.random.Generator:

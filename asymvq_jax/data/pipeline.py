@@ -72,11 +72,14 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import jax
 import numpy as np
 from PIL import Image
 
 from asymvq_jax.data.folder import HELD_OUT_PHOTOS, TRAIN_PHOTOS, BadImageError, bundled_photo, decode_rgb, list_images
-from asymvq_jax.data.masks import example_rng, lama_mask, training_mask
+from asymvq_jax.data.masks import Stream, example_rng, lama_mask, training_mask
+from asymvq_jax.data.tfds import TfdsSource
+from asymvq_jax.parallel import check_batch_size
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +92,6 @@ __all__ = [
     "make_source",
 ]
 
-_TAG_PERM, _TAG_CROP, _TAG_MASK, _TAG_RETRY, _TAG_HELD_OUT_CROP, _TAG_HELD_OUT_MASK = 1, 2, 3, 4, 5, 6
 _MAX_RETRIES = 64
 
 
@@ -158,8 +160,6 @@ def make_source(config, *, process_index: int, process_count: int):
     if kind == "bundled_photos":
         return BundledPhotos()
     if kind == "tfds":
-        from asymvq_jax.data.tfds import TfdsSource  # noqa: PLC0415 - TF is optional
-
         name = _get(data, "name")
         if not name:
             raise ValueError("config.data.name must name a TFDS dataset (source='tfds')")
@@ -222,11 +222,7 @@ class TrainIterator:
             raise ValueError(f"config.seed must be >= 0, got {seed}")
         if process_count < 1 or not 0 <= process_index < process_count:
             raise ValueError(f"bad process_index={process_index} / count={process_count}")
-        if global_batch % process_count:
-            raise ValueError(
-                f"config.batch_size={global_batch} is not divisible by the number of "
-                f"processes ({process_count})"
-            )
+        check_batch_size(global_batch, hosts=process_count)
         if start_step < 0:
             raise ValueError(f"start_step must be >= 0, got {start_step}")
         self.source = source
@@ -286,7 +282,7 @@ class TrainIterator:
 
     def _finish(self, arr: np.ndarray, name: str, step: int, j: int):
         img, up = random_crop_resize(
-            arr, example_rng(self.seed, _TAG_CROP, step, j), self.image_size
+            arr, example_rng(self.seed, Stream.CROP, step, j), self.image_size
         )
         if up:
             n = self._count("upsampled", name)
@@ -295,7 +291,7 @@ class TrainIterator:
                          name, arr.shape[1], arr.shape[0], self.image_size, n)
         s = self.image_size
         mask = training_mask(
-            example_rng(self.seed, _TAG_MASK, step, j), s, s, self.mask_variant,
+            example_rng(self.seed, Stream.MASK, step, j), s, s, self.mask_variant,
             self.all_ones_prob,
         )
         return img, mask
@@ -304,7 +300,7 @@ class TrainIterator:
         with self._lock:
             p = self._perms.get(epoch)
             if p is None:
-                p = example_rng(self.seed, _TAG_PERM, epoch).permutation(len(self.source))
+                p = example_rng(self.seed, Stream.PERM, epoch).permutation(len(self.source))
                 self._perms[epoch] = p
                 while len(self._perms) > 2:
                     self._perms.popitem(last=False)
@@ -321,7 +317,7 @@ class TrainIterator:
             arr = self._decode(payload, name)
             if arr is not None:
                 return self._finish(arr, name, step, j)
-            idx = int(example_rng(self.seed, _TAG_RETRY, step, j, attempt).integers(n))
+            idx = int(example_rng(self.seed, Stream.RETRY, step, j, attempt).integers(n))
         raise RuntimeError(
             f"{self.source.desc}: {_MAX_RETRIES} unreadable images in a row "
             f"({self.stats['skipped']} skipped so far); is the dataset corrupt?"
@@ -411,8 +407,6 @@ class TrainIterator:
 
 def _process_info(process_index, process_count):
     if process_index is None or process_count is None:
-        import jax  # noqa: PLC0415
-
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     return int(process_index), int(process_count)
@@ -456,8 +450,8 @@ def held_out_batch(config, n: int) -> dict[str, np.ndarray]:
     images, masks = [], []
     for i in range(n):
         photo = bundled_photo(HELD_OUT_PHOTOS[i % len(HELD_OUT_PHOTOS)])
-        images.append(random_crop_resize(photo, example_rng(seed, _TAG_HELD_OUT_CROP, i), size)[0])
-        masks.append(lama_mask(example_rng(seed, _TAG_HELD_OUT_MASK, i), size, size,
+        images.append(random_crop_resize(photo, example_rng(seed, Stream.HELD_OUT_CROP, i), size)[0])
+        masks.append(lama_mask(example_rng(seed, Stream.HELD_OUT_MASK, i), size, size,
                                str(_get(config.data, "mask", "thick_256"))))
     return {"image": np.stack(images), "mask": np.stack(masks).reshape(n, size, size, 1).astype(np.float32)}
 

@@ -25,12 +25,11 @@ import itertools
 import logging
 from typing import Iterator
 
-from asymvq_jax.data.masks import example_rng
+from asymvq_jax.data.masks import Stream, example_rng
 
 log = logging.getLogger(__name__)
 
 TFDS_PINS = "tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10"
-_TAG_EPOCH = 101
 
 
 def import_tfds():
@@ -140,7 +139,7 @@ class TfdsSource:
     def _epoch(self, epoch: int, skip: int):
         tf, tfds = self._tf, self._tfds
         eseed = int(
-            example_rng(self.seed, _TAG_EPOCH, epoch, self.process_index).integers(2**31 - 1)
+            example_rng(self.seed, Stream.TFDS_EPOCH, epoch, self.process_index).integers(2**31 - 1)
         )
         opts = tf.data.Options()
         opts.deterministic = True

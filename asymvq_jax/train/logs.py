@@ -1,4 +1,4 @@
-"""Where training reports: a progress bar or log lines, TensorBoard events, a JSONL file, PNG grids."""
+"""Where training reports: a progress bar or log lines, TensorBoard events, a JSONL file."""
 
 import dataclasses
 import io
@@ -8,7 +8,8 @@ import sys
 
 import jax
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
+from tqdm import tqdm
 
 from asymvq_jax import paths
 
@@ -49,7 +50,7 @@ class MetricWriter:
     def __init__(self, workdir: str, start: int = 0):
         self.active = jax.process_index() == 0
         if self.active:
-            from tensorboardX import SummaryWriter, record_writer
+            from tensorboardX import SummaryWriter, record_writer  # seconds to import; host 0 only
             record_writer.register_writer_factory("gs", _ObjectEventWriters())
             self.tb = SummaryWriter(paths.join(workdir, "tensorboard"))
             drop_records_after(paths.join(workdir, "metrics.jsonl"), start)
@@ -137,7 +138,6 @@ class Progress:
         self.every = every
         self.bar = None
         if sys.stderr.isatty() and jax.process_index() == 0:
-            from tqdm import tqdm
             self.bar = tqdm(initial=start, total=total, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, scalars: dict[str, float]) -> None:
@@ -151,23 +151,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def to_uint8(images) -> np.ndarray:
-    return np.asarray(np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255).round(), np.uint8)
-
-
-def save_grid(path: str, columns: dict[str, np.ndarray], min_cell: int = 256) -> None:
-    """One row per example, one labelled column per [B, H, W, 3] batch in [-1, 1]; small images
-    are enlarged (nearest, whole pixels) to at least `min_cell` pixels so they can be seen."""
-    scale = max(1, -(-min_cell // next(iter(columns.values())).shape[1]))
-    cells = [to_uint8(batch).repeat(scale, axis=1).repeat(scale, axis=2) for batch in columns.values()]
-    body = np.concatenate([np.concatenate(list(cell), axis=0) for cell in cells], axis=1)
-    width = cells[0].shape[2]
-    header = Image.new("RGB", (body.shape[1], 28), "white")
-    draw = ImageDraw.Draw(header)
-    for i, label in enumerate(columns):
-        draw.text((i * width + width // 2, 14), label, fill="black", anchor="mm", font=ImageFont.load_default(18))
-    png = io.BytesIO()
-    Image.fromarray(np.concatenate([np.asarray(header), body], axis=0)).save(png, format="PNG")
-    paths.write_bytes(path, png.getvalue())

@@ -10,12 +10,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from asymvq_jax import checkpoint, parallel, paths
+from asymvq_jax import checkpoint, files, parallel, paths
 from asymvq_jax.data import held_out_batch, make_source, make_train_iterator
-from asymvq_jax.evaluate import make_train_evaluator
 from asymvq_jax.metrics import pre_error
 from asymvq_jax.train import factors, logs
 from asymvq_jax.train.config import derived
+from asymvq_jax.train.evaluator import make_evaluator
 from asymvq_jax.train.state import build, count, model_config
 from asymvq_jax.train.step import make_sample_fn, make_train_step
 
@@ -70,7 +70,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     parallel.initialize(config)
     logs.quiet_libraries()
     mesh = parallel.make_mesh(config.get("mesh"))
-    parallel.check_batch_size(config.batch_size, mesh)
+    parallel.check_batch_size(config.batch_size, devices=mesh.size, hosts=jax.process_count())
 
     # ---- input first: a missing, empty or unreadable dataset fails before anything is made
     source = make_source(config, process_index=jax.process_index(), process_count=jax.process_count())
@@ -108,12 +108,13 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts).lower(
         state, consts, parallel.batch_spec(config, mesh)).compile()
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
-    evaluator = make_train_evaluator(config, graphdefs) if evaluate_now else None
+    evaluator = make_evaluator(config, graphdefs) if evaluate_now else None
     grid = held_out_batch(config, GRID_EXAMPLES)
     grid_images, grid_masks = grid["image"], grid["mask"]
     sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
-    sample_fn = jax.jit(make_sample_fn(graphdefs), in_shardings=(shardings(sample_params), shardings(consts), rep, rep),
-                        out_shardings=rep).lower(sample_params, consts, grid_images, grid_masks).compile()
+    sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=rep,
+                        in_shardings=(shardings_of(sample_params), shardings_of(consts), rep, rep)
+                        ).lower(sample_params, consts, grid_images, grid_masks).compile()
     parallel.sync_hosts("compiled")
 
     # ---- loop
@@ -173,16 +174,16 @@ def sample_path(workdir: str, step: int) -> str:
     return paths.join(workdir, "samples", f"step_{step:07d}.png")
 
 
-def shardings(tree):
+def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts):
     """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
     every step), the batch is split over every device, the metrics come back replicated."""
-    state_shardings = shardings(state)
+    state_shardings = shardings_of(state)
     return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
-                   in_shardings=(state_shardings, shardings(consts), parallel.batch_sharding(mesh)),
+                   in_shardings=(state_shardings, shardings_of(consts), parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
@@ -196,7 +197,7 @@ def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dic
         masked = images * (1 - masks) + masks * -1.0  # holes shown black
         columns = ({"input": images, "masked input": masked, "plain decode": plain, "guided decode": guided}
                    if len(decodes) == 2 else {"input": images, "reconstruction": plain})
-        logs.save_grid(sample_path(workdir, step), columns)
+        files.save_grid(sample_path(workdir, step), columns)
     # pre_error over the known region (mask 0); over the hole with the mask inverted.
     return {f"samples/{region}_mse_{name}": float(np.mean(pre_error(images, out, hole)))
             for name, out in decodes.items() for region, hole in (("known", masks), ("hole", 1 - masks))}

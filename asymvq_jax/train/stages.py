@@ -5,15 +5,14 @@ Runs on the bundled photos end with a table of the held-out photos' errors.
 """
 
 import logging
-import os
 
 import jax
 import numpy as np
 
-from asymvq_jax import checkpoint
-from asymvq_jax.data import held_out_batch
+from asymvq_jax import checkpoint, paths
 from asymvq_jax.train.config import derived
-from asymvq_jax.train.loop import train
+from asymvq_jax.train.evaluator import held_out_report
+from asymvq_jax.train.loop import sample_path, train
 
 TABLE_EXAMPLES = 12  # 4 crops of each held-out photo, each with its own mask
 
@@ -35,7 +34,7 @@ def run(config, workdir: str) -> None:
         if stage.data.source == "bundled_photos" and jax.process_index() == 0:
             print(f"\n{name or 'run'}: held-out photos at step {stage.total_steps}\n"
                   + held_out_table(stage, stage_dir)
-                  + f"\ngrid: {os.path.join(stage_dir, 'samples', f'step_{stage.total_steps:07d}.png')}\n",
+                  + f"\ngrid: {sample_path(stage_dir, stage.total_steps)}\n",
                   flush=True)
 
 
@@ -44,8 +43,8 @@ def resolve(config, name: str, workdir: str):
     stage = config[name].copy_and_resolve_references()
     earlier = list(config.stages)[:list(config.stages).index(name)]
     if stage.get("init_from") in earlier:
-        stage.init_from = os.path.join(workdir, stage.init_from)
-    return stage, os.path.join(workdir, name)
+        stage.init_from = paths.join(workdir, stage.init_from)
+    return stage, paths.join(workdir, name)
 
 
 def finished(workdir: str, total_steps: int) -> bool:
@@ -58,25 +57,10 @@ def finished(workdir: str, total_steps: int) -> bool:
         mgr.close()
 
 
-def evaluate(config, vae) -> dict[str, dict[str, float]]:
-    """{decode: region report} of `vae` on the held-out examples: the plain decode, and for an
-    asymmetric decoder the mask-guided one (eval.py's jitted measure, on one batch)."""
-    from flax import nnx
-
-    from asymvq_jax.evaluate import MODES, make_measure
-    from asymvq_jax.losses import LPIPS
-    from asymvq_jax.metrics import summarize
-    lpips_graphdef, lpips_state = nnx.split(LPIPS(config.loss.get("lpips_weights") or None))
-    graphdef, state = nnx.split(vae)
-    measure = make_measure(graphdef, vae.config.asymmetric, lpips_graphdef)
-    _, values, _ = measure((state,), lpips_state, None, held_out_batch(config, TABLE_EXAMPLES), None)
-    return {mode: summarize(jax.device_get(values[mode])) for mode in MODES if mode in values}
-
-
 def held_out_table(config, workdir: str) -> str:
     """A Markdown table of the workdir's latest model: PSNR / SSIM / LPIPS per decode and region."""
     lines = ["| decode | region | PSNR (dB) | SSIM | LPIPS |", "|---|---|---|---|---|"]
-    for name, report in evaluate(config, checkpoint.load(workdir)).items():
+    for name, report in held_out_report(config, checkpoint.load(workdir), TABLE_EXAMPLES).items():
         for region in ("whole", "hole", "known"):
             cells = [report.get(f"{metric}/{region}", np.nan) for metric in ("psnr", "ssim", "lpips")]
             lines.append(f"| {name} | {region} | " + " | ".join(
