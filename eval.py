@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from asymvq_jax import evaluate, inception, paths
+from asymvq_jax import evaluation, inception, paths
 from asymvq_jax.data.evalset import MASK_SETS, load_masks
 from asymvq_jax.losses.lpips import LPIPS, default_weights_path
 
@@ -69,24 +69,24 @@ def check_out(args) -> None:
     if not data.startswith("tfds:") and data != "bundled_photos":
         inputs.append(data)
     paths.check_destination(args.out, sources=inputs, force=args.force, what="an earlier eval's output",
-                            ours=lambda p: paths.holds_only(p, evaluate.OUTPUT_FILES, "results.json"))
+                            ours=lambda p: paths.holds_only(p, evaluation.OUTPUT_FILES, "results.json"))
 
 
 def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(argv)
     check_out(args)
-    decoders = [evaluate.load_candidate(p, step=args.step, allow_pickle=args.allow_pickle, family=args.family)
+    decoders = [evaluation.load_candidate(p, step=args.step, allow_pickle=args.allow_pickle, family=args.family)
                 for p in args.decoder]
-    images = evaluate.dataset_images(args.data, args.limit)
+    images = evaluation.dataset_images(args.data, args.limit)
     masks = load_masks(default_masks(args.image_size) if not args.masks else args.masks, args.image_size)
-    results = evaluate.evaluate(
+    results = evaluation.evaluate(
         decoders, images, masks, image_size=args.image_size, batch_size=args.batch_size,
         lpips=optional(args.lpips, "LPIPS", LPIPS), inception=optional(args.fid_inception, "FID", inception.load),
         latents=args.latents, fid_stats=args.fid_stats, save_fid_stats=args.save_fid_stats, grids=args.grids,
         progress=True)
-    evaluate.write_outputs(results, args.out)
-    print(evaluate.markdown_table(results))
+    evaluation.write_outputs(results, args.out)
+    print(evaluation.markdown_table(results))
     print(f"{results['num_images']} images, {results['images_per_s']:.2f} images/s")
     return results
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.numpy import save_file
 
 import asymvq_jax
-from asymvq_jax import evaluate
+from asymvq_jax import evaluation
 from asymvq_jax.data.evalset import MASKS_DIR, draw_mask_set, load_masks
 from asymvq_jax.data.masks import example_rng, lama_mask
 from asymvq_jax.losses.lpips import LPIPS
@@ -86,8 +86,8 @@ def test_eval_during_training_is_logged(run):
 @pytest.fixture(scope="module")
 def single(run):
     """The same evaluation in this process, on its one device."""
-    return evaluate.evaluate([evaluate.load_candidate(run["workdir"]), evaluate.load_candidate(run["sd"])],
-                             evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE),
+    return evaluation.evaluate([evaluation.load_candidate(run["workdir"]), evaluation.load_candidate(run["sd"])],
+                             evaluation.dataset_images(run["photos"]), load_masks(run["masks"], SIZE),
                              image_size=SIZE, batch_size=8, lpips=LPIPS(run["lpips"]))
 
 
@@ -120,10 +120,10 @@ def test_eval_py_sharded_over_8_devices_equals_one_device(run, single, tmp_path)
 
 @pytest.mark.slow
 def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
-    decoder = evaluate.load_candidate(run["workdir"])
-    images, masks = evaluate.dataset_images(run["photos"]), load_masks(run["masks"], SIZE)
+    decoder = evaluation.load_candidate(run["workdir"])
+    images, masks = evaluation.dataset_images(run["photos"]), load_masks(run["masks"], SIZE)
     vae = nnx.merge(decoder.graphdef, *decoder.states)
-    for batch, names in evaluate.eval_batches(images, masks, SIZE, 8):
+    for batch, names in evaluation.eval_batches(images, masks, SIZE, 8):
         z = np.asarray(vae.encode(batch["image"]).mode()) * vae.config.scaling_factor  # as pipelines hand them over
         for j, name in enumerate(names):
             nchw = np.ascontiguousarray(z[j].transpose(2, 0, 1))   # diffusers' layout
@@ -131,14 +131,14 @@ def test_outside_latents_decode_like_the_encoder(run, single, tmp_path):
                 np.save(tmp_path / f"{name}.npy", nchw[None])
             else:
                 save_file({"latents": nchw}, str(tmp_path / f"{name}.safetensors"))
-    got = evaluate.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
+    got = evaluation.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
     want = single["decoders"]["workdir"]
     for mode in ("plain", "guided"):
         for k, v in got["decoders"]["workdir"][mode].items():
             assert v == pytest.approx(want[mode][k], rel=1e-4, abs=1e-6), (mode, k)
     os.remove(tmp_path / f"{images[0][0]}.safetensors")
     with pytest.raises(FileNotFoundError, match=f"no latents for image '{images[0][0]}'"):
-        evaluate.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
+        evaluation.evaluate([decoder], images, masks, image_size=SIZE, batch_size=8, latents=str(tmp_path))
 
 
 @pytest.mark.slow

@@ -280,7 +280,8 @@ def test_decode_py_with_every_path_on_gs(bucket, inputs):
     np.save(buffer, (z * vae.config.scaling_factor).transpose(0, 3, 1, 2))
     for name, data in (("photo.png", _png(photo)), ("mask.png", _png(mask)), ("z.npy", buffer.getvalue())):
         paths.write_bytes(f"{bucket}/decode/{name}", data)
-    files = ["--model", f"{remote}/asym", "--image", f"{bucket}/decode/photo.png", "--mask", f"{bucket}/decode/mask.png"]
+    files = ["--model", f"{remote}/asym", "--image", f"{bucket}/decode/photo.png",
+             "--mask", f"{bucket}/decode/mask.png"]
     assert decode_cli.main(["decode", *files, "--latents", f"{bucket}/decode/z.npy", "--scaled",
                             "--out", f"{bucket}/decode/out.png"]) == 0
     assert decode_cli.main(["reconstruct", *files, "--out", f"{bucket}/decode/side_by_side.png"]) == 0

@@ -2,28 +2,28 @@
 
 Formats:
 
-* ``diffusers``: a folder with ``config.json`` (diffusers' config, with ``_class_name``
-  ``AutoencoderKL`` or ``AsymmetricAutoencoderKL`` and ``_diffusers_version``) and
-  ``diffusion_pytorch_model.safetensors`` (metadata ``{"format": "pt"}``). Loads with
-  ``AsymmetricAutoencoderKL.from_pretrained(dir)`` / ``AutoencoderKL.from_pretrained(dir)``.
-  ``AsymmetricAutoencoderKL`` always has quant convs: a family without them (SD3, FLUX) gets
-  exact identity 1x1 convs, and its config.json keeps ``use_quant_conv: false`` and
-  ``shift_factor``, which that class ignores but our import reads (and drops the identities).
-* ``ldm``: one ``.safetensors`` file in the original CompVis/LDM layout (``encoder.down.N.block.M``,
-  ``mid.attn_1.q`` as 1x1 convs, decoder ``up.N`` numbered from high resolution); the
-  asymmetric branch uses Asymmetric_VQGAN's name ``decoder.encoder.layers.N``. Metadata:
-  ``{"format": "pt", "asymvq_config": <our config JSON>}`` so that a re-import restores
+* `diffusers`: a folder with `config.json` (diffusers' config, with `_class_name`
+  `AutoencoderKL` or `AsymmetricAutoencoderKL` and `_diffusers_version`) and
+  `diffusion_pytorch_model.safetensors` (metadata `{"format": "pt"}`). Loads with
+  `AsymmetricAutoencoderKL.from_pretrained(dir)` / `AutoencoderKL.from_pretrained(dir)`.
+  `AsymmetricAutoencoderKL` always has quant convs: a family without them (SD3, FLUX) gets
+  exact identity 1x1 convs, and its config.json keeps `use_quant_conv: false` and
+  `shift_factor`, which that class ignores but our import reads (and drops the identities).
+* `ldm`: one `.safetensors` file in the original CompVis/LDM layout (`encoder.down.N.block.M`,
+  `mid.attn_1.q` as 1x1 convs, decoder `up.N` numbered from high resolution); the
+  asymmetric branch uses Asymmetric_VQGAN's name `decoder.encoder.layers.N`. Metadata:
+  `{"format": "pt", "asymvq_config": <our config JSON>}` so that a re-import restores
   norm groups and scaling factor exactly.
-* ``asymvq`` (ours): a folder with ``asymvq_config.json``
-  (``{"format": "asymvq", "format_version": 1, "config": {VAEConfig fields}}``) and
-  ``params.safetensors`` holding the Flax parameters in Flax layout (HWIO conv kernels,
-  (in, out) linear kernels, GroupNorm ``scale``), each under its NNX path joined with "."
-  (``decoder.up_blocks.0.resnets.1.conv1.kernel``); its metadata repeats the config
-  (``format: asymvq``, ``asymvq_config``). Giving a path ending in ``.safetensors`` writes that
+* `asymvq` (ours): a folder with `asymvq_config.json`
+  (`{"format": "asymvq", "format_version": 1, "config": {VAEConfig fields}}`) and
+  `params.safetensors` holding the Flax parameters in Flax layout (HWIO conv kernels,
+  (in, out) linear kernels, GroupNorm `scale`), each under its NNX path joined with "."
+  (`decoder.up_blocks.0.resnets.1.conv1.kernel`); its metadata repeats the config
+  (`format: asymvq`, `asymvq_config`). Giving a path ending in `.safetensors` writes that
   single file alone, which also loads (config from the metadata).
 
 Every writer builds its output in a temporary place that becomes the destination only when
-complete (`paths.atomic_output`, which also says how that is done on ``gs://``). A destination
+complete (`paths.atomic_output`, which also says how that is done on `gs://`). A destination
 that exists must be a previous export of the same format (`check_destination`), unless forced;
 a forced export replaces only the files it writes there.
 """

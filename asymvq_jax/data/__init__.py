@@ -1,8 +1,5 @@
-"""Training data: LaMa masks, image folders / TFDS sources, the deterministic pipeline.
-
-See :mod:`asymvq_jax.data.pipeline` for the iterator contract and config fields.
-TensorFlow is only imported when ``config.data.source == "tfds"``.
-"""
+"""Training and evaluation data: LaMa masks, image folders and TFDS, the deterministic pipeline
+(`pipeline` says what a batch is a function of). TensorFlow is imported only for TFDS sources."""
 
 from asymvq_jax.data.folder import (
     BUNDLED_PHOTOS,

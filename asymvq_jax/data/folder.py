@@ -42,7 +42,7 @@ class BadImageError(Exception):
 
 
 def list_images(root: str | os.PathLike) -> list[str]:
-    """Sorted paths of all images under ``root`` (recursive, local symlinks followed; ``gs://`` too)."""
+    """Sorted paths of all images under `root` (recursive, local symlinks followed; `gs://` too)."""
     root = os.fspath(root)
     if not paths.isdir(root):
         raise FileNotFoundError(
@@ -83,10 +83,10 @@ def _to_rgb(im: Image.Image) -> tuple[Image.Image, str | None]:
 
 
 def decode_rgb(src: str | os.PathLike | bytes) -> tuple[np.ndarray, str | None]:
-    """Decode ``src`` (path or encoded bytes) to ``uint8 [H, W, 3]``.
+    """Decode `src` (path or encoded bytes) to `uint8 [H, W, 3]`.
 
-    Returns ``(array, note)``; ``note`` describes a conversion (None for plain RGB).
-    Raises :class:`BadImageError` for anything that cannot be decoded.
+    Returns `(array, note)`; `note` describes a conversion (None for plain RGB).
+    Raises `BadImageError` for anything that cannot be decoded.
     """
     try:
         data = src if isinstance(src, (bytes, bytearray, memoryview)) else paths.read_bytes(src)

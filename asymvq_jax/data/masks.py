@@ -1,41 +1,14 @@
-"""Inpainting masks: LaMa-style "random_thick" generators and the training rule.
+"""Inpainting masks, float32 [H, W, 1] with 1 = the hole: LaMa's "random_thick" generators and the
+training rule.
 
-Convention: a mask is a float32 array ``[H, W, 1]`` with 1 = hole (the region to
-generate) and 0 = known pixels.
-
-Generators (parameters as in LaMa's ``configs/data_gen/random_thick_{256,512}.yaml``):
-
-* ``thick_256``: irregular strokes (weight 1) or boxes (weight 0.3), one of the two
-  per mask, chosen with probability proportional to the weights.
-  Strokes: 1-6 strokes (LaMa's generator class passes ``max_times + 1`` to the drawing
-  function, whose randint excludes its upper bound: the yaml's 5 draws up to 6); each
-  starts at a uniform random pixel and has 1-5 segments;
-  segment angle ``0.01 + randint(4)`` radians (``2*pi - angle`` on even strokes),
-  length ``10 + randint(200)``, width ``5 + randint(100)``; each segment is a thick
-  line with round ends (so consecutive segments join smoothly); segment end points
-  are clipped to the canvas.
-  Boxes: 1-3 axis-aligned boxes, margin 10 from the border, each side
-  ``randint(30, min(150 + 1, S - 2*margin))`` (upper bound exclusive: the generator class
-  passes ``bbox_max_size + 1``, so sides reach 150). Mean hole at 256 px: about 40.3%.
-* ``thick_512``: the same with max_len 450, max_width 250, box side up to 300 and
-  1-4 boxes.
-
-Other output sizes: masks are *drawn at the variant's scale*: the canvas is resized so
-that its short side equals the variant's base size (256 or 512), keeping the aspect
-ratio, the mask is drawn there with the unmodified LaMa parameters, and then resized to
-the requested ``(height, width)`` with nearest-neighbour sampling. The hole-area
-statistics are therefore (up to resampling) independent of the output resolution, and
-at exactly the base size the mask is drawn directly with no resampling.
-
-Training rule (:func:`training_mask`): with probability ``all_ones_prob`` (0.5 in the
-paper) the mask is all ones (the whole image is the hole: plain decoding), otherwise a
-LaMa mask.
-
-Randomness comes only from the ``numpy.random.Generator`` you pass in, so the same
-generator state always gives the same mask. :func:`example_rng` builds a generator from
-integer keys (e.g. ``(seed, step, example_index)``).
-
-Lines are drawn with PIL ``ImageDraw`` (no OpenCV dependency).
+The generators follow LaMa's configs/data_gen/random_thick_{256,512}.yaml: either 1-6 strokes of
+1-5 thick segments with round ends (weight 1), or 1-3 boxes with sides up to 150 (1-4 up to 300 at
+512; weight 0.3). LaMa's generator passes max_times + 1 and bbox_max_size + 1 to functions whose
+upper bounds are exclusive, hence 6 strokes and sides of 150; the mean hole at 256 px is about
+40.3%. At any other size a mask is drawn at its variant's scale (short side 256 or 512) and resized
+by nearest neighbour, so the hole statistics do not depend on the output size. `training_mask` is
+all ones (plain decoding) with probability all_ones_prob (0.5 in the paper), else a LaMa mask.
+Randomness comes only from the Generator passed in; lines are drawn with PIL, not OpenCV.
 """
 
 from __future__ import annotations
@@ -46,16 +19,6 @@ import math
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-__all__ = [
-    "MaskParams",
-    "MASK_VARIANTS",
-    "example_rng",
-    "irregular_mask",
-    "box_mask",
-    "lama_mask",
-    "training_mask",
-]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +82,7 @@ class Stream(enum.IntEnum):
 
 
 def example_rng(*keys: int) -> np.random.Generator:
-    """A numpy Generator that is a pure function of non-negative integer ``keys``."""
+    """A numpy Generator that is a pure function of non-negative integer `keys`."""
     return np.random.default_rng(np.random.SeedSequence([int(k) for k in keys]))
 
 
@@ -134,7 +97,7 @@ def _draw_canvas_shape(height: int, width: int, base: int) -> tuple[int, int]:
 def irregular_mask(
     rng: np.random.Generator, height: int, width: int, p: MaskParams
 ) -> np.ndarray:
-    """LaMa irregular strokes drawn directly on a ``height x width`` canvas -> uint8 {0,1}."""
+    """LaMa irregular strokes drawn directly on a `height x width` canvas -> uint8 {0,1}."""
     img = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(img)
     n_strokes = int(rng.integers(p.min_strokes, p.max_strokes + 2))  # LaMa's max_times + 1, inclusive
@@ -162,7 +125,7 @@ def irregular_mask(
 def box_mask(
     rng: np.random.Generator, height: int, width: int, p: MaskParams
 ) -> np.ndarray:
-    """LaMa random boxes on a ``height x width`` canvas -> uint8 {0,1}."""
+    """LaMa random boxes on a `height x width` canvas -> uint8 {0,1}."""
     m = np.zeros((height, width), np.uint8)
     # LaMa's bbox_max_size + 1, as an exclusive bound: sides up to box_max_size.
     max_size = min(p.box_max_size + 1, height - 2 * p.margin, width - 2 * p.margin)
@@ -183,7 +146,7 @@ def lama_mask(
     width: int,
     variant: str | MaskParams = "thick_256",
 ) -> np.ndarray:
-    """One LaMa "random_thick" mask, float32 ``[height, width, 1]``, 1 = hole.
+    """One LaMa "random_thick" mask, float32 `[height, width, 1]`, 1 = hole.
 
     Drawn at the variant's scale (short side = base size) and resized with nearest
     neighbour when the requested size differs (see the module docstring).
@@ -207,7 +170,7 @@ def training_mask(
     variant: str | MaskParams = "thick_256",
     all_ones_prob: float = 0.5,
 ) -> np.ndarray:
-    """The paper's training mask: all ones with prob. ``all_ones_prob``, else LaMa."""
+    """The paper's training mask: all ones with prob. `all_ones_prob`, else LaMa."""
     if rng.random() < all_ones_prob:
         return np.ones((height, width, 1), np.float32)
     return lama_mask(rng, height, width, variant)

@@ -1,65 +1,18 @@
-"""Training input pipeline: images + inpainting masks, deterministic per step.
+"""The training input: images and inpainting masks, a pure function of the step.
 
-Public API
-----------
-``make_train_iterator(config, *, start_step=0, process_index=None, process_count=None)
--> TrainIterator``
-    An endless iterator of per-host batches ``{"image": float32 [B, S, S, 3] in [-1, 1],
-    "mask": float32 [B, S, S, 1] (1 = hole)}`` with ``B = config.batch_size //
-    process_count`` and ``S = config.image_size``. The first batch is the one for step
-    ``start_step``. ``process_index`` / ``process_count`` default to
-    ``jax.process_index()`` / ``jax.process_count()`` (pass them to simulate hosts).
-    ``TrainIterator.stats`` counts skipped/converted/upsampled files;
-    ``TrainIterator.close()`` (or ``with``) stops the prefetch threads.
-``batch_for_step(config, step, ...)``: the same batch, computed directly (no threads).
+The batch of step s on host p depends only on (config.seed, s, p), the dataset and the host
+count, never on what was read before: a run resumed at step k sees the batches an uninterrupted
+run sees from k on. Global example j of a step belongs to host j // (batch_size / hosts), so the
+hosts read disjoint parts of every batch. Folders and array_record TFDS are read by index: global
+example g = s * batch_size + j lies in epoch g // N, a permutation of the N files seeded by
+(seed, epoch), so an epoch visits every file once; streaming TFDS is in `tfds`. Crops and masks
+come from `example_rng(seed, Stream..., s, j)`.
 
-Determinism
------------
-The batch of step ``s`` on host ``p`` is a pure function of ``(config.seed, s, p)``
-(and the dataset and ``process_count``), never of what was read before, so a run
-resumed at ``start_step=k`` sees exactly the batches an uninterrupted run sees from
-step ``k`` on. Global example ``j`` of step ``s`` (``0 <= j < batch_size``) belongs to
-host ``j // B``: hosts read disjoint parts of every global batch.
-
-* Random-access sources (folders, array_record TFDS): example ``j`` of step ``s`` is
-  global example ``g = s * batch_size + j``; epoch ``g // N`` is a permutation of the
-  ``N`` files seeded by ``(seed, epoch)``, so each epoch visits every file once.
-* Streaming TFDS (tfrecord): see :mod:`asymvq_jax.data.tfds`; host example
-  ``s * B + i`` of the host's own slice.
-
-Crop and mask of example ``j`` of step ``s`` come from generators seeded with
-``(seed, tag, s, j)``.
-
-Augmentation
-------------
-Random square crop with side ``U(0.5, 1) x`` short side at a uniform random position,
-resized to ``image_size``: area interpolation (PIL ``BOX``) when shrinking, bilinear
-when enlarging (what OpenCV's ``INTER_AREA`` does when enlarging). Images whose crop is
-smaller than ``image_size`` -- including tiny images -- are therefore upsampled and
-still used (counted in ``stats["upsampled"]``). No flip. Scaled to [-1, 1] as
-``x / 127.5 - 1``. Masks: :func:`asymvq_jax.data.masks.training_mask`.
-
-Robustness
-----------
-Grayscale, palette, CMYK, RGBA (composited on white), 16-bit (``I;16``) images are
-converted (:func:`asymvq_jax.data.folder.decode_rgb`) and counted in
-``stats["converted"]``. Corrupt or truncated files are skipped: a warning names the
-file with a running count (``stats["skipped"]``) and the example deterministically
-uses another file instead (random access: a retry index seeded by
-``(seed, s, j, attempt)``; streaming: the next good record of the same batch). A
-missing or empty folder / TFDS split fails at start-up with a message naming it.
-
-Config fields read (``ml_collections.ConfigDict``)
---------------------------------------------------
-``config.seed`` (int >= 0), ``config.batch_size`` (global; divisible by the process
-count), ``config.image_size``, ``config.data.source`` (``"folder"`` | ``"tfds"``),
-``config.data.path`` (folder), ``config.data.name``, ``config.data.split``,
-``config.data.data_dir`` (TFDS; local or ``gs://``; None = TFDS default),
-``config.data.mask`` (``"thick_256"`` | ``"thick_512"``), ``config.data.all_ones_prob``
-(0.5). Optional, with defaults: ``config.data.image_key`` ("image"),
-``config.data.num_workers`` (decode threads, ``min(8, cpu_count)``),
-``config.data.prefetch`` (batches prepared ahead, 2),
-``config.data.shuffle_buffer`` (streaming TFDS, 10000).
+Augmentation is a random square crop (side U(0.5, 1) of the short side) resized to image_size,
+by area when shrinking and bilinear when enlarging, as OpenCV's INTER_AREA does; no flip. Small
+images are upsampled and still used. Odd modes (grey, palette, CMYK, alpha, 16-bit) are
+converted; a corrupt file is skipped with a warning and the example takes another, chosen by a
+seeded retry; a missing or empty source fails at start-up. `TrainIterator.stats` counts each.
 """
 
 from __future__ import annotations
@@ -82,15 +35,6 @@ from asymvq_jax.data.tfds import TfdsSource
 from asymvq_jax.parallel import check_batch_size
 
 log = logging.getLogger(__name__)
-
-__all__ = [
-    "TrainIterator",
-    "make_train_iterator",
-    "batch_for_step",
-    "random_crop_resize",
-    "FolderSource",
-    "make_source",
-]
 
 _MAX_RETRIES = 64
 
@@ -181,9 +125,9 @@ def random_crop_resize(
     img: np.ndarray, rng: np.random.Generator, size: int, min_frac: float = 0.5,
     max_frac: float = 1.0,
 ) -> tuple[np.ndarray, bool]:
-    """Random square crop (side U(min,max) x short side) resized to ``size``.
+    """Random square crop (side U(min,max) x short side) resized to `size`.
 
-    ``img``: uint8 [H, W, 3]. Returns (float32 [size, size, 3] in [-1, 1], upsampled).
+    `img`: uint8 [H, W, 3]. Returns (float32 [size, size, 3] in [-1, 1], upsampled).
     """
     h, w = img.shape[:2]
     short = min(h, w)
@@ -421,8 +365,8 @@ def make_train_iterator(
     background: bool = True,
     source=None,
 ) -> TrainIterator:
-    """Endless per-host training batches starting at ``start_step`` (module docstring), from
-    ``source`` (default: ``make_source(config, ...)``)."""
+    """Endless per-host training batches starting at `start_step` (module docstring), from `source`
+    (default: `make_source(config, ...)`)."""
     process_index, process_count = _process_info(process_index, process_count)
     if source is None:
         source = make_source(config, process_index=process_index, process_count=process_count)
@@ -459,7 +403,7 @@ def held_out_batch(config, n: int) -> dict[str, np.ndarray]:
 def batch_for_step(
     config, step: int, *, process_index: int | None = None, process_count: int | None = None
 ) -> dict[str, np.ndarray]:
-    """The batch ``make_train_iterator(config, start_step=step)`` yields first."""
+    """The batch `make_train_iterator(config, start_step=step)` yields first."""
     it = make_train_iterator(
         config, start_step=step, process_index=process_index,
         process_count=process_count, background=False,

@@ -1,22 +1,11 @@
-"""TFDS image datasets as sources for :mod:`asymvq_jax.data.pipeline`.
+"""TFDS image datasets as sources for the pipeline.
 
-TensorFlow is an optional extra (``pip install 'asymvq-jax[tfds]'``, i.e.
-``tensorflow-cpu==2.21.0 tensorflow-datasets==4.9.10``); it is imported lazily and
-hidden from GPUs (``tf.config.set_visible_devices([], "GPU")``) so it never grabs
-accelerator memory. ``data_dir`` may be local or ``gs://`` (tf.io reads both).
-
-Images are read *encoded* (``tfds.decode.SkipDecoding``) and decoded with PIL by the
-pipeline, so TFDS and folder sources share the same decoding and augmentation.
-
-Two access modes, picked from how the dataset was prepared:
-
-* ``array_record`` datasets: random access (``builder.as_data_source``) -- the same
-  index scheme as local folders; resuming at any step is O(1).
-* ``tfrecord`` datasets (the TFDS default): each host streams its own disjoint even
-  slice of the split (``tfds.even_splits``); every epoch of that slice is read with a
-  file order and shuffle buffer seeded by (seed, epoch, process_index). Resuming at a
-  step re-reads the records before it *within the current epoch* (serialized records
-  only, no decoding): at most one host-epoch of I/O.
+TensorFlow is an optional extra, imported only here and hidden from GPUs so that it never takes
+accelerator memory. Images are read encoded and decoded with PIL by the pipeline, so TFDS and
+folders share one decoding and augmentation. array_record datasets are read by index, like
+folders (a resume costs nothing); tfrecord datasets (the TFDS default) are streamed, each host its
+own even slice of the split, shuffled per epoch from (seed, epoch, host): a resume re-reads the
+records before its step within the current epoch, undecoded.
 """
 
 from __future__ import annotations
@@ -67,12 +56,12 @@ def _open_builder(name: str, data_dir: str | None):
 
 
 class TfdsSource:
-    """A TFDS split for one host. ``random_access`` tells which interface is valid.
+    """A TFDS split for one host. `random_access` tells which interface is valid.
 
-    Random access: ``len(src)``, ``src.get(i) -> (encoded bytes, name)``.
-    Streaming: ``src.stream(start) -> iterator of (encoded bytes, name)`` over this
-    host's slice, starting at host example ``start`` (infinite, epoch after epoch),
-    ``src.host_len`` examples per epoch.
+    Random access: `len(src)`, `src.get(i) -> (encoded bytes, name)`.
+    Streaming: `src.stream(start) -> iterator of (encoded bytes, name)` over this
+    host's slice, starting at host example `start` (infinite, epoch after epoch),
+    `src.host_len` examples per epoch.
     """
 
     def __init__(

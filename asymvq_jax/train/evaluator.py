@@ -1,10 +1,10 @@
-"""Evaluation during and after training: `evaluate`'s measure on the config's eval split and on
+"""Evaluation during and after training: `evaluation`'s measure on the config's eval split and on
 the held-out photos."""
 
 import jax
 from flax import nnx
 
-from asymvq_jax import evaluate
+from asymvq_jax import evaluation
 from asymvq_jax.data import held_out_batch
 from asymvq_jax.data.evalset import load_masks
 from asymvq_jax.losses import LPIPS
@@ -22,7 +22,7 @@ def eval_images(config):
         spec = e.path
     else:
         spec = data.path if data.source == "folder" else data.source
-    return evaluate.dataset_images(spec, e.num_images)
+    return evaluation.dataset_images(spec, e.num_images)
 
 
 def make_evaluator(config, graphdefs):
@@ -33,10 +33,11 @@ def make_evaluator(config, graphdefs):
     model = model_config(config)
 
     def run(params, consts) -> dict[str, float]:
-        candidate = evaluate.Candidate("train", graphdefs["vae"], (params, consts["frozen"]), model)
+        candidate = evaluation.Candidate("train", graphdefs["vae"], (params, consts["frozen"]), model)
         lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
-        return evaluate.scalars(evaluate.evaluate([candidate], images, masks, image_size=config.image_size,
-                                                  batch_size=config.eval.batch_size or config.batch_size, lpips=lpips))
+        results = evaluation.evaluate([candidate], images, masks, image_size=config.image_size,
+                                      batch_size=config.eval.batch_size or config.batch_size, lpips=lpips)
+        return evaluation.scalars(results)
 
     return run
 
@@ -46,6 +47,6 @@ def held_out_report(config, vae, examples: int) -> dict[str, dict[str, float]]:
     asymmetric decoder the mask-guided one (eval.py's jitted measure, on one batch)."""
     lpips_graphdef, lpips_state = nnx.split(LPIPS(config.loss.get("lpips_weights") or None))
     graphdef, state = nnx.split(vae)
-    measure = evaluate.make_measure(graphdef, vae.config.asymmetric, lpips_graphdef)
+    measure = evaluation.make_measure(graphdef, vae.config.asymmetric, lpips_graphdef)
     _, values, _ = measure((state,), lpips_state, None, held_out_batch(config, examples), None)
-    return {mode: summarize(jax.device_get(values[mode])) for mode in evaluate.MODES if mode in values}
+    return {mode: summarize(jax.device_get(values[mode])) for mode in evaluation.MODES if mode in values}
