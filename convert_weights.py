@@ -75,6 +75,7 @@ def main(argv=None) -> int:
     for noisy in ("jax", "absl"):  # absl: orbax's step-by-step restore messages
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    # After the arguments: --help and their errors need no jax.
     from asymvq_jax import load, save_pretrained
     from asymvq_jax.convert import writers
 

@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    from asymvq_jax import inference
+    from asymvq_jax import inference  # after the arguments: --help and their errors need no jax
     try:
         model = dict(dtype=args.dtype, step=args.step, allow_pickle=args.allow_pickle, force=args.force)
         files = dict(image_path=args.image, mask_path=args.mask, out=args.out, tile=args.tile, progress=True)

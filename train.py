@@ -14,6 +14,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples; 
 
 def main(argv):
     del argv
+    # After the flags: a config mistake is reported without importing jax.
     from asymvq_jax.checkpoint import WorkdirBusyError
     from asymvq_jax.train.stages import run
     logging.set_verbosity(logging.INFO)

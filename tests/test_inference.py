@@ -330,7 +330,7 @@ def test_load_model_from_training_workdir(vae, tmp_path):
 
     config = tmp_path / "model_config.json"
     config.write_text(config.read_text().replace("{", '{"colour": 1, ', 1))
-    with pytest.raises(ValueError, match=r"model_config.json: unknown VAEConfig fields \['colour'\]"):
+    with pytest.raises(ValueError, match=r"model_config.json: unknown keys \['colour'\]"):
         asymvq_jax.load(str(tmp_path))
 
 

@@ -11,7 +11,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from asymvq_jax import paths
+from asymvq_jax import parallel, paths
+from asymvq_jax.train.state import model_config
 
 
 def quiet_libraries() -> None:
@@ -101,8 +102,6 @@ STATE_FIELDS = ("model", "train_encoder", "ema")
 
 def run_summary(config, mesh, workdir: str, data: str) -> dict:
     """The resolved settings of a run, as it starts (the full config is the one given)."""
-    from asymvq_jax import parallel
-    from asymvq_jax.train.state import model_config
     vae = model_config(config)
     return {"workdir": workdir, "model": {"preset": config.model.preset, **dataclasses.asdict(vae)},
             "family": "asymmetric" if vae.asymmetric else "plain", "train_encoder": bool(config.get("train_encoder")),
