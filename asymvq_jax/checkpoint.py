@@ -8,6 +8,7 @@ a workdir per stage and `stages.json`, their order.
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from flax import nnx
 from asymvq_jax import paths
 from asymvq_jax.convert import abstract_model, from_pretrained
 from asymvq_jax.convert.keys import path_to_str
-from asymvq_jax.convert.readers import config_from_json, read_json_object
+from asymvq_jax.convert.readers import config_from_json, read_checkpoint, read_json_object
 from asymvq_jax.models import AutoencoderKL, VAEConfig
 
 MODEL_CONFIG = "model_config.json"
@@ -222,6 +223,18 @@ def load(source, *, step: int | None = None, ema: bool = True, dtype=None, allow
     if workdir is None:
         return from_pretrained(source, allow_pickle=allow_pickle, dtype=dtype, family=family)
     return _load_workdir(workdir, step, ema, dtype)
+
+
+def load_config(source, *, family: str | None = None) -> VAEConfig:
+    """The config of the model `load(source)` gives, without its weights where that is possible."""
+    workdir = _workdir(source)
+    return read_model_config(workdir) if workdir is not None else _checkpoint_config(source, family)
+
+
+@functools.lru_cache(maxsize=4)
+def _checkpoint_config(path, family: str | None) -> VAEConfig:
+    # Cached: a checkpoint is read whole (a full SD file is GBs), and the config is asked for repeatedly.
+    return read_checkpoint(path, family=family).config
 
 
 def recast(vae: AutoencoderKL, dtype) -> AutoencoderKL:

@@ -44,7 +44,7 @@ def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    trained, source = checkpoint.load_model(str(workdir)), from_pretrained(tmp_path / "flux")
+    trained, source = checkpoint.load(str(workdir)), from_pretrained(tmp_path / "flux")
     assert trained.config.family == "flux" and trained.config.asymmetric
     assert trained.quant_conv is None and trained.post_quant_conv is None
     before, after = _flat(source, "encoder."), _flat(trained, "encoder.")
@@ -98,7 +98,7 @@ def test_full_autoencoder_run_measures_its_factors(assets, tmp_path):
                **{"model.preset": "sd"})
     workdir = str(tmp_path / "ae")
     train(c, workdir)
-    vae = checkpoint.load_model(workdir)
+    vae = checkpoint.load(workdir)
     cfg = vae.config
     assert cfg.scaling_factor != FAMILIES["sd"]["scaling_factor"] and cfg.shift_factor is not None
     # The batches it measured on: those after the last step.

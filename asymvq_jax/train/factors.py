@@ -5,6 +5,7 @@ theirs: scaling_factor = 1 / std of the latents, shift_factor (if asked) = their
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from asymvq_jax import parallel
 from asymvq_jax.data import make_train_iterator
@@ -13,7 +14,6 @@ from asymvq_jax.data import make_train_iterator
 def measure(config, graphdef, params, frozen, mesh, start_step: int) -> tuple[float, float | None]:
     """(scaling_factor, shift_factor or None) over `config.factor_batches` training batches from
     `start_step` on, of the posterior mode (the latents the encoder gives a diffusion model)."""
-    from flax import nnx
 
     @jax.jit
     def moments(params, frozen, image):

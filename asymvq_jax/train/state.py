@@ -6,7 +6,6 @@ a separate tree that no optimizer sees and that the step never returns, so it ca
 Everything is described abstractly first and created straight into its shardings.
 """
 
-import functools
 import logging
 
 import jax
@@ -40,27 +39,12 @@ def model_config(config) -> VAEConfig:
     cfg = preset(config.model.preset, **overrides)
     if not config.get("init_from"):
         return cfg
-    source = source_config(config.init_from, config.get("init_family") or None)
+    source = checkpoint.load_config(config.init_from, family=config.get("init_family") or None)
     clash = [f"{f}={overrides[f]!r} (init_from has {getattr(source, f)!r})" for f in ENCODER_FIELDS
              if f in overrides and getattr(cfg, f) != getattr(source, f)]
     if clash:
         raise ValueError(f"model.overrides {', '.join(clash)}: the encoder comes from init_from={config.init_from}")
     return cfg.replace(**{f: getattr(source, f) for f in ENCODER_FIELDS})
-
-
-def source_config(path: str, family: str | None = None) -> VAEConfig:
-    """The config of a training workdir or of any checkpoint from_pretrained reads."""
-    from asymvq_jax import checkpoint
-    if checkpoint.is_workdir(path):
-        return checkpoint.read_model_config(path)
-    return _checkpoint_config(path, family)
-
-
-@functools.lru_cache(maxsize=4)
-def _checkpoint_config(path: str, family: str | None) -> VAEConfig:
-    # Cached: a checkpoint is read whole (a full SD file is GBs), and the config is asked for repeatedly.
-    from asymvq_jax.convert.readers import read_checkpoint
-    return read_checkpoint(path, family=family).config
 
 
 def dtypes(config):
