@@ -45,7 +45,8 @@ def get_config(arg=None):
     autoencoder = stage("sd", total_steps=300, lr=1e-3)
     autoencoder.train_encoder = True
     # The new branch at 4e-3, and a quarter of the masks all-hole rather than the recipe's half: in a
-    # few hundred steps the branch must learn to reproduce the known region. At 1e-3 and one half, its known region reached 15.6 dB, below the plain decode.
+    # few hundred steps the branch must learn to reproduce the known region. At 1e-3 and one half, its
+    # known region reached 15.6 dB, below the plain decode.
     # 300 steps rather than 150: the guided decode was still gaining in both the hole and the known
     # region (16.6 -> 17.9 and 22.8 -> 25.1 dB).
     asymmetric = stage("asym-base", total_steps=300, lr=4e-3)
@@ -53,7 +54,8 @@ def get_config(arg=None):
     # The decoder it joins at 0.5x rather than the recipe's 0.1x: ours is a 300-step decoder, not SD's, and
     # must learn to take the branch's features as context. At 0.1x the guided decode was 0.6 dB behind the
     # plain one in the hole, with outlines of the mask at its border (held-out hole 18.19 against 18.80 dB);
-    # at 0.5x it is ahead (18.84 against 18.59), the known region the same (25.68 against 25.62).
+    # at 0.5x it is ahead (18.84 against 18.59), the known region the same (25.68 against 25.62). With
+    # the trainer's torch init and LaMa's 1-6 strokes (561a65f) the README's run has it 2.4 dB ahead.
     # Tried and dropped: the decoder held fixed for the first 100 steps while the branch learnt, which
     # left the known region far behind (the branch alone cannot make the fixed decoder reproduce it).
     asymmetric.pretrained_lr_mult = 0.5
