@@ -190,13 +190,13 @@ def bench_train(size, batch, reps, device) -> dict:
     from asymvq_jax.train.step import make_train_step
     config = default_config()
     config.model.preset, config.image_size, config.batch_size = "asym-x1.5", size, batch
-    graphdefs, state, consts, tx, disc_tx = build(config)
+    graphdefs, state, fixed, tx, disc_tx = build(config)
     x, mask, _ = inputs(batch, size)
     batch_in = {"image": x, "mask": mask}
     start = time.perf_counter()
-    compiled = jax.jit(make_train_step(config, graphdefs, tx, disc_tx)).lower(state, consts, batch_in).compile()
+    compiled = jax.jit(make_train_step(config, graphdefs, tx, disc_tx)).lower(state, fixed, batch_in).compile()
     compile_s = time.perf_counter() - start
-    times = side_by_side({"ours": lambda: jax.block_until_ready(compiled(state, consts, batch_in))}, reps)
+    times = side_by_side({"ours": lambda: jax.block_until_ready(compiled(state, fixed, batch_in))}, reps)
     return row("train", size, "float32", batch, times, compile_s, compiled, device)
 
 

@@ -43,10 +43,10 @@ def main(argv=None):
     config = tpu_v4.get_config(f"variant={args.variant},fsdp={args.fsdp},batch={args.batch_per_device * args.devices}")
     config.image_size, config.remat = args.size, args.remat
     mesh = parallel.make_mesh(config.mesh)
-    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=True)
+    graphdefs, state, fixed, tx, disc_tx = build(config, mesh, abstract=True)
     start = time.perf_counter()
-    compiled = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts).lower(
-        state, consts, parallel.batch_spec(config, mesh)).compile()
+    compiled = jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed).lower(
+        state, fixed, parallel.batch_spec(config, mesh)).compile()
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
     mib = lambda n: round(n / 2**20, 1)  # noqa: E731

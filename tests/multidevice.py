@@ -69,11 +69,11 @@ def steps(out: str, photos: str, lpips: str) -> None:
     report = {}
     for name, (count, sizes) in MESHES.items():
         mesh = parallel.make_mesh(sizes, jax.devices()[:count])
-        graphdefs, state, consts, tx, disc_tx = build(config, mesh)
+        graphdefs, state, fixed, tx, disc_tx = build(config, mesh)
         held = {path: (x.nbytes, x.addressable_shards[0].data.nbytes, str(x.sharding.spec))
                 for path, x in checkpoint.flatten({"params": state["params"], "opt": state["opt"]}).items()}
         global_batch = parallel.global_batch(batch, mesh)
-        state, metrics = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts)(state, consts, global_batch)
+        state, metrics = jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed)(state, fixed, global_batch)
         np.savez(os.path.join(out, f"params_{name}.npz"), **checkpoint.flatten(jax.device_get(state["params"])))
         report[name] = {"metrics": {k: float(v) for k, v in jax.device_get(metrics).items()}, "held": held,
                         "batch_shards": [s.data.shape[0] for s in global_batch["image"].addressable_shards]}
@@ -81,7 +81,7 @@ def steps(out: str, photos: str, lpips: str) -> None:
         json.dump(report, f)
 
 
-def authors_ddp_grads(config, graphdefs, state, consts, batch, group: int):
+def authors_ddp_grads(config, graphdefs, state, fixed, batch, group: int):
     """The authors' DDP arithmetic, written out: each GPU (a group of `group` images) decodes its own
     images, takes its adaptive weight from two full gradients w.r.t. conv_out's kernel, with the
     discriminator's statistics over its images alone, then the gradient of its own total loss; DDP
@@ -94,12 +94,12 @@ def authors_ddp_grads(config, graphdefs, state, consts, batch, group: int):
     from asymvq_jax.train.state import merge_vae
     loss = config.loss
     x, mask, params = batch["image"], batch["mask"], state["params"]
-    lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
+    lpips = nnx.merge(graphdefs["lpips"], fixed["lpips"])
     key = jax.random.fold_in(jax.random.key(config.seed), 0)
 
     def gpu_terms(p, k):
         own = lambda a: jax.lax.dynamic_slice_in_dim(a, k * group, group)  # noqa: E731
-        vae = merge_vae(graphdefs["vae"], p, consts["frozen"])
+        vae = merge_vae(graphdefs["vae"], p, fixed["frozen"])
         post = vae.encode(x)  # per image: encoding the batch and slicing equals encoding the slice
         x_rec = vae.decode(own(post.sample(key)), own(x), own(mask))
         nll = gan.reconstruction_nll(own(x), x_rec, loss.perceptual_weight * lpips(own(x), x_rec))
@@ -138,15 +138,15 @@ def groups(out: str, photos: str, lpips: str) -> None:
     for name in ("1", "8x1"):
         count, sizes = MESHES[name]
         mesh = parallel.make_mesh(sizes, jax.devices()[:count])
-        graphdefs, state, consts, _, _ = build(config, mesh)
+        graphdefs, state, fixed, _, _ = build(config, mesh)
         grads_fn = jax.jit(make_decoder_grads(config, graphdefs),
-                           in_shardings=(shardings(state), shardings(consts), parallel.batch_sharding(mesh)),
+                           in_shardings=(shardings(state), shardings(fixed), parallel.batch_sharding(mesh)),
                            out_shardings=parallel.replicated(mesh))
-        grads, _, terms = grads_fn(state, consts, parallel.global_batch(batch, mesh))
+        grads, _, terms = grads_fn(state, fixed, parallel.global_batch(batch, mesh))
         np.savez(os.path.join(out, f"grads_{name}.npz"), **checkpoint.flatten(jax.device_get(grads)))
         weights[name] = float(terms["d_weight"])
         if name == "1":
-            ddp, per_gpu = jax.jit(lambda *a: authors_ddp_grads(config, graphdefs, *a, group=2))(state, consts, batch)
+            ddp, per_gpu = jax.jit(lambda *a: authors_ddp_grads(config, graphdefs, *a, group=2))(state, fixed, batch)
             np.savez(os.path.join(out, "grads_authors.npz"), **checkpoint.flatten(jax.device_get(ddp)))
             weights["authors"] = float(np.mean(per_gpu))
             weights["authors_per_gpu"] = [float(w) for w in per_gpu]

@@ -50,8 +50,8 @@ def frozen_parts(vae) -> dict[str, np.ndarray]:
 
 
 def untrained(config):
-    graphdefs, state, consts, _, _ = build(config)
-    return merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
+    graphdefs, state, fixed, _, _ = build(config)
+    return merge_vae(graphdefs["vae"], state["params"], fixed["frozen"])
 
 
 def report(config, vae):
@@ -100,9 +100,9 @@ def test_stage_two_starts_from_stage_one(run):
     config, workdir = run
     stage, _ = stages.resolve(config, "asymmetric", workdir)
     assert stage.init_from == os.path.join(workdir, "autoencoder")
-    graphdefs, state, consts, _, _ = build(stage)
-    vae = merge_vae(graphdefs["vae"], state["params"], consts["frozen"])
-    _, pretrained = pretrained_source(stage, {"params": state["params"], "frozen": consts["frozen"]})
+    graphdefs, state, fixed, _, _ = build(stage)
+    vae = merge_vae(graphdefs["vae"], state["params"], fixed["frozen"])
+    _, pretrained = pretrained_source(stage, {"params": state["params"], "frozen": fixed["frozen"]})
     start, stage_one = params(vae), params(checkpoint.load(stage.init_from))
     branch = {k for k in start if k.startswith("decoder.condition_encoder.")}
     assert branch and set(start) - branch == set(stage_one)

@@ -72,9 +72,9 @@ def test_gan_switches_on_at_disc_start(uninterrupted):
 
 @pytest.mark.slow  # trains, or compiles a train step
 def test_encoder_is_bit_identical_after_training(assets, uninterrupted):
-    _, _, consts, _, _ = build(config(assets))
+    _, _, fixed, _, _ = build(config(assets))
     trained = checkpoint.load(uninterrupted, step=6)
-    fresh = checkpoint.flatten(consts["frozen"])
+    fresh = checkpoint.flatten(fixed["frozen"])
     saved = checkpoint.flatten(jax.tree.map(np.asarray, {
         "encoder": _pure(trained.encoder), "quant_conv": _pure(trained.quant_conv),
         "post_quant_conv": _pure(trained.post_quant_conv)}))
@@ -243,9 +243,9 @@ def test_init_from_sd_loads_the_decoder_and_scales_its_learning_rate(assets, tmp
     c = config(assets)
     sd = AutoencoderKL(model_config(c).replace(asymmetric=False), rngs=nnx.Rngs(42))
     c.init_from = save_pretrained(sd, str(tmp_path / "sd"), format="diffusers")
-    _, state, consts, tx, _ = build(c)
+    _, state, fixed, tx, _ = build(c)
     params = state["params"]
-    np.testing.assert_array_equal(consts["frozen"]["encoder"]["conv_in"]["kernel"], sd.encoder.conv_in.kernel[...])
+    np.testing.assert_array_equal(fixed["frozen"]["encoder"]["conv_in"]["kernel"], sd.encoder.conv_in.kernel[...])
     np.testing.assert_array_equal(params["decoder"]["up_blocks"][1]["resnets"][0]["conv1"]["kernel"],
                                   sd.decoder.up_blocks[1].resnets[0].conv1.kernel[...])
 
@@ -300,12 +300,12 @@ def test_discriminator_waits_untouched_until_disc_start(assets):
 
     c = config(assets, **{"loss.disc_start": 2, "loss.perceptual_weight": 0.0})
     mesh = parallel.make_mesh(c.mesh)
-    graphdefs, state, consts, tx, disc_tx = build(c, mesh)
-    step = jit_step(c, mesh, graphdefs, tx, disc_tx, state, consts)
+    graphdefs, state, fixed, tx, disc_tx = build(c, mesh)
+    step = jit_step(c, mesh, graphdefs, tx, disc_tx, state, fixed)
     before = jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]})
     seen = []
     for n in range(4):
-        state, _ = step(state, consts, parallel.global_batch(batch_for_step(c, n, process_index=0, process_count=1),
+        state, _ = step(state, fixed, parallel.global_batch(batch_for_step(c, n, process_index=0, process_count=1),
                                                              mesh))
         seen.append(jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]}))
     for n in (0, 1):
@@ -332,8 +332,8 @@ def test_init_decoder_false_takes_only_the_frozen_parts_and_trains_all_at_1x(ass
     c = config(assets, init_decoder=False)
     sd = AutoencoderKL(model_config(c).replace(asymmetric=False), rngs=nnx.Rngs(42))
     c.init_from = save_pretrained(sd, str(tmp_path / "sd"), format="diffusers")
-    _, state, consts, tx, _ = build(c)
-    np.testing.assert_array_equal(consts["frozen"]["encoder"]["conv_in"]["kernel"], sd.encoder.conv_in.kernel[...])
+    _, state, fixed, tx, _ = build(c)
+    np.testing.assert_array_equal(fixed["frozen"]["encoder"]["conv_in"]["kernel"], sd.encoder.conv_in.kernel[...])
     for name in ("kernel", "bias"):  # same shape as SD's, and still fresh
         assert not np.array_equal(state["params"]["decoder"]["conv_out"][name], getattr(sd.decoder.conv_out, name)[...])
     params = state["params"]

@@ -26,15 +26,15 @@ def eval_images(config):
 
 
 def make_evaluator(config, graphdefs):
-    """`run(decoder_params, consts) -> {"eval/<mode>/<metric>": value}` on the config's eval split;
+    """`run(decoder_params, fixed) -> {"eval/<mode>/<metric>": value}` on the config's eval split;
     the images and masks are read once."""
     images = eval_images(config)
     masks = load_masks(config.eval.masks, config.image_size, len(images))
     model = model_config(config)
 
-    def run(params, consts) -> dict[str, float]:
-        candidate = evaluation.Candidate("train", graphdefs["vae"], (params, consts["frozen"]), model)
-        lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
+    def run(params, fixed) -> dict[str, float]:
+        candidate = evaluation.Candidate("train", graphdefs["vae"], (params, fixed["frozen"]), model)
+        lpips = nnx.merge(graphdefs["lpips"], fixed["lpips"])
         results = evaluation.evaluate([candidate], images, masks, image_size=config.image_size,
                                       batch_size=config.eval.batch_size or config.batch_size, lpips=lpips)
         return evaluation.scalars(results)

@@ -88,11 +88,11 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
         logs.write_run_summary(workdir, run)
 
     # ---- models, optimizers, train state: created sharded, or restored into the same shardings
-    graphdefs, state, consts, tx, disc_tx = build(config, mesh, abstract=bool(mgr.all_steps()))
+    graphdefs, state, fixed, tx, disc_tx = build(config, mesh, abstract=bool(mgr.all_steps()))
     logging.info("model %s: %.2fM parameters trained, %.2fM frozen; discriminator %.2fM", config.model.preset,
-                 count(state["params"]) / 1e6, count(consts["frozen"]) / 1e6,
+                 count(state["params"]) / 1e6, count(fixed["frozen"]) / 1e6,
                  count(state["disc"]["params"]) / 1e6)
-    start, state, consts["frozen"], skipped = checkpoint.resume(mgr, state, consts["frozen"])
+    start, state, fixed["frozen"], skipped = checkpoint.resume(mgr, state, fixed["frozen"])
     if start:
         if jax.process_index() == 0:
             checkpoint.set_aside(mgr, skipped)
@@ -105,16 +105,16 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
 
     # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
     # different times, and the first collective would not wait long for a late one
-    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts).lower(
-        state, consts, parallel.batch_spec(config, mesh)).compile()
+    step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed).lower(
+        state, fixed, parallel.batch_spec(config, mesh)).compile()
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
     evaluator = make_evaluator(config, graphdefs) if evaluate_now else None
     grid = held_out_batch(config, GRID_EXAMPLES)
     grid_images, grid_masks = grid["image"], grid["mask"]
     sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
     sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=rep,
-                        in_shardings=(shardings_of(sample_params), shardings_of(consts), rep, rep)
-                        ).lower(sample_params, consts, grid_images, grid_masks).compile()
+                        in_shardings=(shardings_of(sample_params), shardings_of(fixed), rep, rep)
+                        ).lower(sample_params, fixed, grid_images, grid_masks).compile()
     parallel.sync_hosts("compiled")
 
     # ---- loop
@@ -140,29 +140,29 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
             progress.update(step, scalars)
 
     for step in range(start + 1, config.total_steps + 1):
-        state, metrics = step_fn(state, consts, parallel.global_batch(next(data), mesh))
+        state, metrics = step_fn(state, fixed, parallel.global_batch(next(data), mesh))
         flush()  # the previous step's metrics, read while this step runs
         pending = (step, metrics)
         stop = preempted(step)
         if stop or mgr.should_save(step) or step == config.total_steps or step % config.sample_every == 0:
             flush()  # never save or show a step whose losses were not checked
         if step % config.sample_every == 0 or step == config.total_steps:
-            writer.write(step, write_samples(workdir, step, sample_fn, state, consts, grid_images, grid_masks))
+            writer.write(step, write_samples(workdir, step, sample_fn, state, fixed, grid_images, grid_masks))
             writer.image(step, "samples", sample_path(workdir, step))
         if evaluator is not None and step % config.eval_every == 0:
-            writer.write(step, evaluator(state.get("ema", state["params"]), consts))
-        checkpoint.save(mgr, step, state, consts["frozen"], force=stop or step == config.total_steps)
+            writer.write(step, evaluator(state.get("ema", state["params"]), fixed))
+        checkpoint.save(mgr, step, state, fixed["frozen"], force=stop or step == config.total_steps)
         if stop:
             break
     flush()
     if config.get("train_encoder") and not preempted.requested:
-        write_factors(config, workdir, mesh, graphdefs, state, consts)
+        write_factors(config, workdir, mesh, graphdefs, state, fixed)
     return last
 
 
-def write_factors(config, workdir, mesh, graphdefs, state, consts) -> None:
+def write_factors(config, workdir, mesh, graphdefs, state, fixed) -> None:
     """A whole autoencoder's own latent factors (`factors.measure`) into its model config, and so its exports."""
-    scaling, shift = factors.measure(config, graphdefs["vae"], state.get("ema", state["params"]), consts["frozen"],
+    scaling, shift = factors.measure(config, graphdefs["vae"], state.get("ema", state["params"]), fixed["frozen"],
                                      mesh, start_step=config.total_steps)
     if jax.process_index() == 0:
         checkpoint.write_model_config(workdir, model_config(config).replace(scaling_factor=scaling, shift_factor=shift))
@@ -178,20 +178,20 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
-def jit_step(config, mesh, graphdefs, tx, disc_tx, state, consts):
+def jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed):
     """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
     every step), the batch is split over every device, the metrics come back replicated."""
     state_shardings = shardings_of(state)
     return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
-                   in_shardings=(state_shardings, shardings_of(consts), parallel.batch_sharding(mesh)),
+                   in_shardings=(state_shardings, shardings_of(fixed), parallel.batch_sharding(mesh)),
                    out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
 
 
-def write_samples(workdir, step, sample_fn, state, consts, images, masks) -> dict[str, float]:
+def write_samples(workdir, step, sample_fn, state, fixed, images, masks) -> dict[str, float]:
     """Saves a labelled grid of held-out photos (host 0) and returns the squared error of the
     plain and (asymmetric decoders) the mask-guided decode on the known region and in the hole."""
     params = state.get("ema", state["params"])
-    plain, guided = jax.device_get(sample_fn(params, consts, images, masks))
+    plain, guided = jax.device_get(sample_fn(params, fixed, images, masks))
     decodes = {"plain": plain, "guided": guided} if "condition_encoder" in params["decoder"] else {"plain": plain}
     if jax.process_index() == 0:
         masked = images * (1 - masks) + masks * -1.0  # holes shown black

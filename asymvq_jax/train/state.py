@@ -172,7 +172,8 @@ def lpips_on_host(config):
 
 
 def build(config, mesh=None, *, abstract: bool = False):
-    """Returns (graphdefs, train state, constants, decoder optimizer, discriminator optimizer).
+    """Returns (graphdefs, train state, fixed, decoder optimizer, discriminator optimizer); `fixed`
+    holds what the step reads and never updates: the frozen VAE parameters and LPIPS's weights.
 
     The state is described with `jax.eval_shape`, then created by jitted calls straight into
     the shardings `parallel.shardings` gives it (init_from weights go shard by shard), so with
@@ -210,8 +211,8 @@ def build(config, mesh=None, *, abstract: bool = False):
         params, frozen = place(trees["params"], source), place(trees["frozen"], source)
         state = jax.jit(make_state, out_shardings=state_shardings, donate_argnums=(0, 1))(params, trees["disc"])
     graphdefs["lpips"], lpips = lpips_on_host(config)
-    consts = {"frozen": frozen, "lpips": jax.device_put(lpips, shard(lpips))}
-    return graphdefs, state, consts, tx, disc_tx
+    fixed = {"frozen": frozen, "lpips": jax.device_put(lpips, shard(lpips))}
+    return graphdefs, state, fixed, tx, disc_tx
 
 
 def merge_vae(graphdef, params, frozen) -> AutoencoderKL:

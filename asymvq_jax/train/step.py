@@ -38,7 +38,7 @@ def gan_groups(config) -> tuple[int, int]:
 
 
 def make_decoder_grads(config, graphdefs):
-    """(state, consts, batch) -> the decoder's gradient, the reconstruction and the loss terms: the
+    """(state, fixed, batch) -> the decoder's gradient, the reconstruction and the loss terms: the
     authors' generator step, with each group's adaptive weight (see gan.grouped_head_grads)."""
     loss_cfg = config.loss
     base_key = jax.random.key(config.seed)
@@ -48,23 +48,23 @@ def make_decoder_grads(config, graphdefs):
     use_lpips = loss_cfg.perceptual_weight != 0
     use_gan = loss_cfg.disc_factor != 0
 
-    def decoder_grads(state, consts, batch):
+    def decoder_grads(state, fixed, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
-        lpips = nnx.merge(graphdefs["lpips"], consts["lpips"])
+        lpips = nnx.merge(graphdefs["lpips"], fixed["lpips"])
         d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
         factor = gan.disc_factor(step, loss_cfg.disc_start, loss_cfg.disc_factor)
         key = jax.random.fold_in(base_key, step)
         params = state["params"]
 
         def body(params):  # encode, sample, decode up to conv_out; the KL reaches a trained encoder
-            vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
+            vae = merge_vae(graphdefs["vae"], params, fixed["frozen"])
             post = vae.encode(x)
             image, hole = (x, mask) if vae.config.asymmetric else (None, None)
             return vae.decoder_features(post.sample(key), image, hole), jnp.mean(post.kl())
 
         def conv_out(h, conv_params):  # the decoder's own conv_out, in the compute dtype, as decode runs it
             tree = {**params, "decoder": {**params["decoder"], "conv_out": conv_params}}
-            return merge_vae(graphdefs["vae"], tree, consts["frozen"]).decoder.conv_out(h)
+            return merge_vae(graphdefs["vae"], tree, fixed["frozen"]).decoder.conv_out(h)
 
         def nll(x_rec):
             return gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None)
@@ -93,11 +93,11 @@ def make_train_step(config, graphdefs, tx, disc_tx):
     use_gan = loss_cfg.disc_factor != 0
     decoder_grads = make_decoder_grads(config, graphdefs)
 
-    def train_step(state, consts, batch):
+    def train_step(state, fixed, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
         d_params, d_stats = state["disc"]["params"], state["disc"]["stats"]
         params = state["params"]
-        grads, x_rec, terms = decoder_grads(state, consts, batch)
+        grads, x_rec, terms = decoder_grads(state, fixed, batch)
         factor = terms["disc_factor"]
 
         def disc_loss(d_params):
@@ -143,8 +143,8 @@ def make_sample_fn(graphdefs):
     """Plain and mask-guided decodes of the posterior mode, for the sample grid (a plain
     autoencoder has no guided decode: it returns the plain one twice)."""
 
-    def sample(params, consts, x, mask):
-        vae = merge_vae(graphdefs["vae"], params, consts["frozen"])
+    def sample(params, fixed, x, mask):
+        vae = merge_vae(graphdefs["vae"], params, fixed["frozen"])
         z = vae.encode(x).mode()
         plain = vae.decode(z)
         return plain, vae.decode(z, x, mask) if vae.config.asymmetric else plain
