@@ -16,7 +16,7 @@ def diffusers_vae(config: VAEConfig, seed: int = 0):
     cfg = config.to_diffusers_config()
     cls = getattr(diffusers, cfg.pop("_class_name"))
     if cfg.get("shift_factor") is None:
-        cfg.pop("shift_factor")
+        cfg.pop("shift_factor", None)  # to_diffusers_config leaves it out when None
     accepted = inspect.signature(cls.__init__).parameters  # AsymmetricAutoencoderKL: no quant-conv flags, no shift
     model = cls(**{k: v for k, v in cfg.items() if k in accepted}).eval()
     with torch.no_grad():  # GroupNorm starts at scale 1, bias 0: randomise to test their mapping
