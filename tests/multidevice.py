@@ -128,7 +128,7 @@ def groups(out: str, photos: str, lpips: str) -> None:
 
     from asymvq_jax import checkpoint, parallel
     from asymvq_jax.data import batch_for_step
-    from asymvq_jax.train.loop import shardings
+    from asymvq_jax.train.loop import shardings_of
     from asymvq_jax.train.state import build
     from asymvq_jax.train.step import make_decoder_grads
 
@@ -140,7 +140,7 @@ def groups(out: str, photos: str, lpips: str) -> None:
         mesh = parallel.make_mesh(sizes, jax.devices()[:count])
         graphdefs, state, fixed, _, _ = build(config, mesh)
         grads_fn = jax.jit(make_decoder_grads(config, graphdefs),
-                           in_shardings=(shardings(state), shardings(fixed), parallel.batch_sharding(mesh)),
+                           in_shardings=(shardings_of(state), shardings_of(fixed), parallel.batch_sharding(mesh)),
                            out_shardings=parallel.replicated(mesh))
         grads, _, terms = grads_fn(state, fixed, parallel.global_batch(batch, mesh))
         np.savez(os.path.join(out, f"grads_{name}.npz"), **checkpoint.flatten(jax.device_get(grads)))

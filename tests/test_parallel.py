@@ -113,7 +113,7 @@ def runlocal(tmp_path_factory):
 @pytest.mark.pod
 def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
     workdir, log = runlocal
-    assert "mesh data=4 x fsdp=2" in log
+    assert "mesh=data=4 x fsdp=2" in log
     assert checkpoint.manager(workdir).latest_step() == 3
     assert sorted(logged(workdir)) == [1, 2, 3]
     checkpoint.load(workdir)

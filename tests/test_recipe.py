@@ -88,7 +88,7 @@ def test_lr_follows_a_batch_override(caplog):
 
 
 def test_horizon_counts_a_folders_images(tmp_path):
-    from asymvq_jax.data import sample_photos_dir
+    from tests.conftest import sample_photos_dir
     c = get_config("asym_base")
     c.data.source, c.data.path, c.data.num_images, c.batch_size, c.epochs = "folder", sample_photos_dir(tmp_path), 0, 2, 3
     c.loss.gan_group_size = 0

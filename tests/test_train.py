@@ -263,7 +263,7 @@ def test_resume_with_another_train_state_says_what_changed(assets, uninterrupted
     workdir = str(tmp_path / "resumed")
     shutil.copytree(uninterrupted, workdir)
     started = time.perf_counter()
-    with pytest.raises(ValueError, match=r"train_encoder was False and is now True: resume with the settings of "
+    with pytest.raises(ValueError, match=r"train_encoder was False and is now True\): resume with the settings of "
                                          r".*run_config.json, or start this run in a new --workdir"):
         train(config(assets, train_encoder=True), workdir)
     assert time.perf_counter() - started < 10

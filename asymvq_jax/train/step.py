@@ -115,7 +115,8 @@ def make_train_step(config, graphdefs, tx, disc_tx):
             (d_loss, (stats, real, fake)), d_grads = jax.value_and_grad(disc_loss, has_aux=True)(d_params)
             d_updates, d_opt = disc_tx.update(d_grads, state["disc_opt"], d_params)
             disc = {"params": optax.apply_updates(d_params, d_updates), "stats": stats}
-            return disc, d_opt, (d_loss, real, fake), d_grads
+            # logged in float32 under a bf16 compute dtype too, as disc_waits' zeros are
+            return disc, d_opt, tuple(v.astype(jnp.float32) for v in (d_loss, real, fake)), d_grads
 
         def disc_waits():  # before disc_start the authors' lr is 0: parameters, Adam state and count stay
             zero = jnp.zeros((), jnp.float32)
