@@ -33,7 +33,7 @@ PLAIN_KW = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["Up
                 block_out_channels=[32, 32, 64, 64], layers_per_block=1, latent_channels=4, norm_num_groups=32)
 
 
-def _randomize(model, seed):
+def randomize(model, seed):
     # Non-trivial norms and biases too, so a swapped scale/bias would show.
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -44,12 +44,12 @@ def _randomize(model, seed):
 
 @pytest.fixture(scope="module")
 def asym_torch():
-    return _randomize(diffusers.AsymmetricAutoencoderKL(**ASYM_KW), 0)
+    return randomize(diffusers.AsymmetricAutoencoderKL(**ASYM_KW), 0)
 
 
 @pytest.fixture(scope="module")
 def plain_torch():
-    return _randomize(diffusers.AutoencoderKL(**PLAIN_KW), 1)
+    return randomize(diffusers.AutoencoderKL(**PLAIN_KW), 1)
 
 
 @pytest.fixture(scope="module")

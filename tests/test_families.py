@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402
 
-from tests.test_convert import independent_to_ldm  # noqa: E402
+from tests.test_convert import independent_to_ldm, randomize  # noqa: E402
 
 # Tiny widths; 32 norm groups, as a bare single file (no config) is read with the default.
 TINY = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
@@ -32,18 +32,10 @@ DIFFUSERS_FAMILY = {
 ATOL, RTOL = 2e-4, 1e-3
 
 
-def _randomize(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1 + (1.0 if p.ndim == 1 else 0.0) * 0.05)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=sorted(DIFFUSERS_FAMILY))
 def family_vae(request):
     name = request.param
-    return name, _randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY[name]), 3)
+    return name, randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY[name]), 3)
 
 
 def _ldm_tensors(model) -> dict:
@@ -112,7 +104,7 @@ def test_single_file_parity(family_vae, tmp_path, caplog):
 
 
 def test_single_file_family_choice(tmp_path):
-    flux = _randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["flux"]), 4)
+    flux = randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["flux"]), 4)
     bare = tmp_path / "ae.safetensors"
     save_file(_ldm_tensors(flux), bare)
     with pytest.raises(UnknownFormatError, match=r"sd3 and flux.*family="):
@@ -123,7 +115,7 @@ def test_single_file_family_choice(tmp_path):
     sd3 = _single_file("sd3", flux, tmp_path)
     with pytest.raises(UnknownFormatError, match="file says 'sd3'"):
         from_pretrained(sd3, family="flux")
-    sdxl = _randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["sdxl"]), 5)
+    sdxl = randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["sdxl"]), 5)
     save_file(_ldm_tensors(sdxl), tmp_path / "sdxl_vae.safetensors")
     assert from_pretrained(tmp_path / "sdxl_vae.safetensors").config.family == "sd"  # same shapes as SD
     whole = {f"first_stage_model.{k}": v for k, v in _ldm_tensors(sdxl).items()}
@@ -180,7 +172,7 @@ def test_exported_asymmetric_flux_loads_in_diffusers(tmp_path):
 
 def test_cli_family(tmp_path):
     import convert_weights
-    flux = _randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["flux"]), 6)
+    flux = randomize(diffusers.AutoencoderKL(**TINY, **DIFFUSERS_FAMILY["flux"]), 6)
     save_file(_ldm_tensors(flux), tmp_path / "ae.safetensors")
     assert convert_weights.main(["import", str(tmp_path / "ae.safetensors"), str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()

@@ -18,24 +18,24 @@ pytestmark = pytest.mark.slow
 LR = 1e-3  # tiny_config's constant learning rate
 
 
+def run_multidevice(kind, report, assets, tmp_path_factory):
+    """tests/multidevice.py `kind` on 8 simulated devices; its out folder and its JSON `report`."""
+    out = str(tmp_path_factory.mktemp(kind))
+    log = os.path.join(out, "log.txt")
+    proc = multidevice.start(["-m", "tests.multidevice", kind, out, assets["photos"], assets["lpips"]], 8, log)
+    multidevice.finish(proc, log)
+    with open(os.path.join(out, report)) as f:
+        return out, json.load(f)
+
+
 @pytest.fixture(scope="module")
 def stepped(assets, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("steps"))
-    log = os.path.join(out, "log.txt")
-    proc = multidevice.start(["-m", "tests.multidevice", "steps", out, assets["photos"], assets["lpips"]], 8, log)
-    multidevice.finish(proc, log)
-    with open(os.path.join(out, "report.json")) as f:
-        return out, json.load(f)
+    return run_multidevice("steps", "report.json", assets, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def grouped(assets, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("groups"))
-    log = os.path.join(out, "log.txt")
-    proc = multidevice.start(["-m", "tests.multidevice", "groups", out, assets["photos"], assets["lpips"]], 8, log)
-    multidevice.finish(proc, log)
-    with open(os.path.join(out, "weights.json")) as f:
-        return out, json.load(f)
+    return run_multidevice("groups", "weights.json", assets, tmp_path_factory)
 
 
 @pytest.mark.pod
