@@ -6,6 +6,12 @@ same (random) weights, side by side in one process, and of the training step.
   python bench.py --quick             # x1.5 at 256 px, fp32, batch 1: a few minutes on a 2-core CPU
   python bench.py --models asym-x1.5 --sizes 256 --ops guided --reps 5 --json out.json
   python bench.py --quick --family flux   # the same sizes on FLUX latents (16 channels, no quant convs)
+  python bench.py --ops train --models asym-x1.5 --sizes 256 --batches 1 --reps 3   # the training step
+  python bench.py --ops train --models asym-x1.5 --sizes 128 --batches 2 --gan-group-sizes 0,1
+
+The training step ("train") is ours against the authors' way of training in PyTorch (bench.authors_train_step:
+diffusers' AsymmetricAutoencoderKL, lpips' LPIPS-VGG and taming's PatchGAN with our weights, two optimizer
+passes, a second forward, the adaptive weight by autograd), the GAN on, fp32; its "diff" columns are that step.
 
 Ours and diffusers' runs alternate, so both see the same load; "speedup" is diffusers' wall time
 over ours, "CPU-time" the same ratio of this process's CPU seconds (steadier on a shared machine).
@@ -22,6 +28,11 @@ import platform
 import statistics
 import sys
 import time
+
+# torch's OpenMP threads spin while they wait for each other; on a shared machine a spinning thread holds
+# a core another one needs. Measured on this 2-core machine at load 8: the authors-style training step
+# took 13-32 s wall (8-19 s CPU) spinning, 5 s (3.2 s CPU) passive. XLA's pool does not spin this way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 ALL = dict(models="sd,asym-base,asym-x1.5,asym-x2", sizes="256,512", dtypes="float32,bfloat16", batches="1,4",
            ops="encode,decode,guided,train")
@@ -181,23 +192,164 @@ def row(op, size, dtype, batch, times, compile_s, compiled, device) -> dict:
     return out
 
 
-def bench_train(size, batch, reps, device) -> dict:
-    """The x1.5 decoder training step (the default recipe) at `size` px."""
+# -- the training step, ours and the authors' way -----------------------------------------------
+
+def train_setup(model: str, size: int, batch: int, gan_group_size: int = 0, **overrides):
+    """The default recipe's config for `model` at `size` px, the GAN on from step 0, and its train state
+    (graphdefs, state, fixed, tx, disc_tx) with fresh weights (a random frozen encoder)."""
+    from asymvq_jax.train.config import AUTHORS_IMAGENET_SUBSET, default_config, derived
+    from asymvq_jax.train.state import build
+    config = default_config()
+    config.model.preset, config.image_size, config.batch_size = model, size, batch
+    config.random_encoder, config.data.num_images = True, AUTHORS_IMAGENET_SUBSET
+    config.loss.disc_start, config.loss.gan_group_size = 0, gan_group_size
+    config.update(overrides)
+    config = derived(config)
+    return config, build(config)
+
+
+def our_train_step(config, graphdefs, tx, disc_tx, state, fixed, batch_in):
+    """(run(), compiled) for our jitted step; run() repeats step 0 on the same state."""
     import jax
 
-    from asymvq_jax.train.config import default_config
-    from asymvq_jax.train.state import build
     from asymvq_jax.train.step import make_train_step
-    config = default_config()
-    config.model.preset, config.image_size, config.batch_size = "asym-x1.5", size, batch
-    graphdefs, state, fixed, tx, disc_tx = build(config)
+    compiled = jax.jit(make_train_step(config, graphdefs, tx, disc_tx)).lower(state, fixed, batch_in).compile()
+    return (lambda: jax.block_until_ready(compiled(state, fixed, batch_in))), compiled
+
+
+def torch_models(config, graphdefs, state, fixed):
+    """diffusers' AsymmetricAutoencoderKL, the lpips package's LPIPS-VGG and taming's PatchGAN (what the
+    authors import), holding the weights of our train state. lpips and taming come with
+    `scripts/setup.sh test` (installed --no-deps: their requirements pull a CUDA torch)."""
+    import diffusers
+    import lpips
+    import numpy as np
+    import torch
+    from flax import nnx
+    from taming.modules.discriminator.model import NLayerDiscriminator
+
+    from asymvq_jax.convert import flax_params_to_diffusers, model_params
+    from asymvq_jax.losses.lpips import load_weights
+    from asymvq_jax.train.state import merge_vae
+    ours = merge_vae(graphdefs["vae"], state["params"], fixed["frozen"])
+    cfg = ours.config.to_diffusers_config()
+    vae = getattr(diffusers, cfg.pop("_class_name")).from_config(cfg)
+    vae.load_state_dict({k: torch.tensor(v) for k, v in flax_params_to_diffusers(model_params(ours)).items()})
+
+    def tensor(a, hwio=False):
+        a = np.asarray(a, np.float32)
+        return torch.tensor(a.transpose(3, 2, 0, 1) if hwio else a)
+
+    perceptual = lpips.LPIPS(net="vgg", version="0.1", pnet_rand=True, verbose=False).eval()
+    weights = load_weights(config.loss.get("lpips_weights") or None)
+    disc = NLayerDiscriminator(input_nc=3, ndf=config.disc.ndf, n_layers=config.disc.n_layers).train()
+    d = nnx.merge(graphdefs["disc"], state["disc"]["params"], state["disc"]["stats"])
+    with torch.no_grad():
+        for name, p in perceptual.net.named_parameters():  # slice{s}.{i}.weight: i is torchvision's vgg16 index
+            index, leaf = name.split(".")[1:]
+            p.copy_(tensor(weights[f"trunk.{index}.kernel"], True) if leaf == "weight" else
+                    tensor(weights[f"trunk.{index}.bias"]))
+        for k, lin in enumerate(perceptual.lins):
+            lin.model[1].weight.copy_(tensor(weights[f"lin{k}.kernel"], True))
+        for conv, ref in zip(d.convs, [m for m in disc.main if isinstance(m, torch.nn.Conv2d)], strict=True):
+            ref.weight.copy_(tensor(conv.kernel[...], True))
+            if conv.bias is not None:
+                ref.bias.copy_(tensor(conv.bias[...]))
+        for norm, ref in zip(d.norms, [m for m in disc.main if isinstance(m, torch.nn.BatchNorm2d)], strict=True):
+            for name, var in (("weight", norm.scale), ("bias", norm.bias), ("running_mean", norm.mean),
+                              ("running_var", norm.var)):
+                getattr(ref, name).copy_(tensor(var[...]))
+    perceptual.requires_grad_(False)
+    return vae, perceptual, disc
+
+
+def authors_train_step(config, vae, perceptual, disc):
+    """What the authors' Lightning loop does per batch (ldm/models/autoencoder*.py training_step with
+    ldm/modules/losses/contperceptual.py, optimizers as their configure_optimizers builds them), in
+    PyTorch: `step(x, mask, global_step, eps=None)` on NCHW tensors returns the logged terms.
+
+    Optimizer 0: forward, the adaptive weight by two torch.autograd.grad calls at conv_out's weight,
+    backward, Adam step. Optimizer 1: a second forward (a new posterior sample through the decoder
+    just updated), the hinge loss, backward, Adam step. Lightning's toggle_optimizer leaves only the
+    optimizer's own parameters requiring grad, so the second forward builds no graph; the loss's
+    forward computes the NLL (LPIPS included) before it looks at optimizer_idx, so both passes run it.
+    `eps`: the posterior's noise, for both forwards (a test's; else drawn each time)."""
+    import torch
+    from taming.modules.losses.vqperceptual import adopt_weight, hinge_d_loss
+    loss = config.loss
+    vae.requires_grad_(False)  # the encoder and the quant convs are frozen
+    opt_ae = torch.optim.Adam(vae.decoder.parameters(), lr=config.lr, betas=(0.5, 0.9))
+    opt_disc = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(0.5, 0.9))
+    last_layer = vae.decoder.conv_out.weight
+
+    def forward(x, mask, eps):
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * (torch.randn_like(post.mean) if eps is None else eps)
+        x_rec = vae.decode(z, image=x, mask=mask).sample
+        rec = torch.abs(x - x_rec) + loss.perceptual_weight * perceptual(x, x_rec)
+        return x_rec, torch.sum(rec) / rec.shape[0], torch.sum(post.kl()) / x.shape[0]
+
+    def generator(x, mask, factor, eps=None):  # optimizer 0
+        vae.decoder.requires_grad_(True)
+        disc.requires_grad_(False)
+        x_rec, nll, kl = forward(x, mask, eps)
+        g_loss = -torch.mean(disc(x_rec))
+        nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+        g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+        d_weight = torch.clamp(torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4), 0.0, 1e4).detach()
+        d_weight = d_weight * loss.disc_weight
+        total = nll + loss.kl_weight * kl + d_weight * factor * g_loss
+        opt_ae.zero_grad()
+        total.backward()
+        opt_ae.step()
+        return {"loss": total, "nll": nll, "kl": kl, "g_loss": g_loss, "d_weight": d_weight}
+
+    def discriminator(x, mask, factor, eps=None):  # optimizer 1
+        vae.decoder.requires_grad_(False)
+        disc.requires_grad_(True)
+        x_rec, _, _ = forward(x, mask, eps)
+        real, fake = disc(x.detach()), disc(x_rec.detach())
+        d_loss = factor * hinge_d_loss(real, fake)
+        opt_disc.zero_grad()
+        d_loss.backward()
+        opt_disc.step()
+        return {"d_loss": d_loss, "logits_real": real.mean(), "logits_fake": fake.mean()}
+
+    def step(x, mask, global_step, eps=None):
+        factor = adopt_weight(loss.disc_factor, global_step, threshold=loss.disc_start)
+        terms = {**generator(x, mask, factor, eps), **discriminator(x, mask, factor, eps)}
+        return {k: v.detach() for k, v in terms.items()}
+
+    step.generator, step.discriminator, step.forward = generator, discriminator, forward  # for the profile
+    return step
+
+
+def bench_train(model, size, batch, reps, device, with_torch, group_sizes=(0,)) -> list[dict]:
+    """Our jitted training step (the default recipe, GAN on, fp32) beside the authors' PyTorch step
+    holding the same weights on the same batch, alternating. One row per gan_group_size: each is
+    compiled and timed in the same rounds (groups of 1 cost the per-group VJPs)."""
     x, mask, _ = inputs(batch, size)
     batch_in = {"image": x, "mask": mask}
-    start = time.perf_counter()
-    compiled = jax.jit(make_train_step(config, graphdefs, tx, disc_tx)).lower(state, fixed, batch_in).compile()
-    compile_s = time.perf_counter() - start
-    times = side_by_side({"ours": lambda: jax.block_until_ready(compiled(state, fixed, batch_in))}, reps)
-    return row("train", size, "float32", batch, times, compile_s, compiled, device)
+    runs, compiled, compile_s = {}, {}, {}
+    for group in group_sizes:
+        config, (graphdefs, state, fixed, tx, disc_tx) = train_setup(model, size, batch, group)
+        start = time.perf_counter()
+        runs[f"ours{group}"], compiled[group] = our_train_step(config, graphdefs, tx, disc_tx, state, fixed, batch_in)
+        compile_s[group] = time.perf_counter() - start
+    if with_torch:
+        import torch
+        modules = torch_models(config, graphdefs, state, fixed)
+        step = authors_train_step(config, *modules)
+        tx_, tmask = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()) for a in (x, mask))
+        runs["diffusers"] = lambda: step(tx_, tmask, int(state["step"]))
+    times = side_by_side(runs, reps)
+    rows = []
+    for group in group_sizes:
+        mine = {"ours": times[f"ours{group}"], "ours_cpu": times[f"ours{group}_cpu"]}
+        theirs = {k: times[k] for k in ("diffusers", "diffusers_cpu") if k in times}
+        r = row("train", size, "float32", batch, {**mine, **theirs}, compile_s[group], compiled[group], device)
+        rows.append({**r, "gan_group_size": group})
+    return rows
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -226,6 +378,8 @@ def main(argv=None) -> int:
                         help="the latent family of every model (channels, quant convs)")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds per case (default 3, quick 2)")
     parser.add_argument("--no-diffusers", action="store_true", help="ours only")
+    parser.add_argument("--gan-group-sizes", default="0", help="train: our step with each loss.gan_group_size "
+                        "(comma-separated; 0 = one group), timed in the same rounds")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
     choice = {k: (getattr(args, k) or (QUICK if args.quick else ALL)[k]).split(",") for k in ALL}
@@ -240,8 +394,8 @@ def main(argv=None) -> int:
               "threads": len(os.sched_getaffinity(0)), "jax": jax.__version__, "torch": torch.__version__,
               "peak_assumed": {d: peak_flops(device, d)[1] for d in choice["dtypes"]},
               "peak_flops": {d: peak_flops(device, d)[0] for d in choice["dtypes"]},
-              "load_before": os.getloadavg(), "rows": []}
-    for name in choice["models"]:
+              "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "load_before": os.getloadavg(), "rows": []}
+    for name in choice["models"] if set(choice["ops"]) - {"train"} else ():
         ref, vae = models(name, args.family)
         for op in choice["ops"]:
             if op == "train" or (op == "guided" and not vae.config.asymmetric):
@@ -254,8 +408,14 @@ def main(argv=None) -> int:
                                                **r})
                         print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
     if "train" in choice["ops"]:
-        batch = max(map(int, choice["batches"]))
-        result["rows"].append({"model": "asym-x1.5", **bench_train(256, batch, reps, device)})
+        groups = tuple(map(int, args.gan_group_sizes.split(",")))
+        for name in choice["models"]:
+            for size in map(int, choice["sizes"]):
+                for batch in map(int, choice["batches"]):
+                    for r in bench_train(name, size, batch, reps, device, not args.no_diffusers, groups):
+                        label = name if r["gan_group_size"] == 0 else f"{name} g{r['gan_group_size']}"
+                        result["rows"].append({"model": label, "load": os.getloadavg(), **r})
+                        print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
     result["load_after"] = os.getloadavg()
     print(table(result["rows"]))
     print(f"device {result['device']}; peak assumed {result['peak_assumed']}; "
