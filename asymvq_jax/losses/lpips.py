@@ -180,16 +180,17 @@ class LPIPS(nnx.Module):
         sg = jax.lax.stop_gradient
         shift = sg(self.shift[...]).astype(jnp.float32)
         scale = sg(self.scale[...]).astype(jnp.float32)
-        b = x.shape[0]
-        # One trunk pass over both batches.
-        xy = (jnp.concatenate([x, y], 0).astype(jnp.float32) - shift) / scale
-        taps = self.features(xy)
+        # A trunk pass per image batch, not one over both: a loss differentiates through one of them
+        # (the reconstruction), and autodiff of a joint pass would carry zero cotangents back through
+        # the other's half of every convolution.
+        def unit_taps(a):
+            taps = self.features((a.astype(jnp.float32) - shift) / scale)
+            return [f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + NORM_EPS)
+                    for f in (t.astype(jnp.float32) for t in taps)]
+
         layers = []
-        for k, f in enumerate(taps):
-            f = f.astype(jnp.float32)
-            f = f / (jnp.sqrt(jnp.sum(f * f, axis=-1, keepdims=True)) + NORM_EPS)
-            d = (f[:b] - f[b:]) ** 2
+        for k, (fx, fy) in enumerate(zip(unit_taps(x), unit_taps(y))):
             w = sg(self.lins[k][...]).astype(jnp.float32)[0, 0, :, 0]
-            layers.append(jnp.mean(d @ w, axis=(1, 2)))
+            layers.append(jnp.mean((fx - fy) ** 2 @ w, axis=(1, 2)))
         total = sum(layers)
         return (total, layers) if per_layer else total
