@@ -134,3 +134,18 @@ def test_new_layers_start_from_torchs_default_init():
     assert np.var(b) == pytest.approx(var, rel=0.2) and np.abs(b).max() <= bound
     lin = LayerFactory().linear(512, 512, nnx.Rngs(1))
     assert np.var(np.asarray(lin.kernel[...], np.float64)) == pytest.approx(1 / (3 * 512), rel=0.01)
+
+
+def test_lecun_fresh_init_is_flaxs_default_and_a_bad_name_is_refused():
+    """fresh_init="lecun": lecun-normal weights (variance 1/fan_in, 3x torch's) and zero biases."""
+    from flax import nnx
+
+    from asymvq_jax.models.blocks import LayerFactory
+    conv = LayerFactory(init="lecun").conv(512, 512, 3, nnx.Rngs(0))
+    w = np.asarray(conv.kernel[...], np.float64)
+    assert np.var(w) == pytest.approx(1.0 / (512 * 9), rel=0.01)
+    assert not np.asarray(conv.bias[...]).any()
+    c = get_config("asym_base")
+    c.fresh_init = "kaiming"
+    with pytest.raises(ValueError, match="fresh_init='kaiming': expected one of torch, lecun"):
+        derived(c)

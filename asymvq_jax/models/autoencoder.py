@@ -42,8 +42,8 @@ class AutoencoderKL(nnx.Module):
     """NHWC, images in [-1, 1], masks [B, H, W, 1] with 1 = hole. Parameter paths follow diffusers' keys."""
 
     def __init__(self, config: VAEConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat: bool | str = False):
-        make = LayerFactory(dtype, param_dtype)
+                 remat: bool | str = False, init: str = "torch"):
+        make = LayerFactory(dtype, param_dtype, init)  # init: new layers' start (blocks.fresh_init)
         self.config = config
         self.encoder = Encoder(config, make, rngs, remat)
         self.quant_conv = (make.conv(2 * config.latent_channels, 2 * config.latent_channels, 1, rngs)

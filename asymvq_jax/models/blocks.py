@@ -16,21 +16,36 @@ def torch_default_init(fan_in: int):
     return init
 
 
+FRESH_INITS = ("torch", "lecun")
+
+
+def fresh_init(name: str, fan_in: int) -> dict:
+    """The kernel and bias initialisers of a new conv or linear: "torch" (the authors'), or "lecun",
+    flax's default (lecun-normal weights, 3x torch's variance, and zero biases)."""
+    if name == "torch":
+        return {"kernel_init": torch_default_init(fan_in), "bias_init": torch_default_init(fan_in)}
+    if name == "lecun":
+        return {"kernel_init": nnx.initializers.lecun_normal(), "bias_init": nnx.initializers.zeros_init()}
+    raise ValueError(f"fresh_init={name!r}: expected one of {', '.join(FRESH_INITS)}")
+
+
 class LayerFactory:
     """Makes the layers (conv, GroupNorm, linear), all with one compute and one storage dtype, each
-    conv and linear starting from torch's default init."""
+    conv and linear starting from `init` (see `fresh_init`)."""
 
-    def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, dtype=jnp.float32, param_dtype=jnp.float32, init: str = "torch"):
+        fresh_init(init, 1)  # a bad name fails here, before any layer is made
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.init = init
 
     def conv(self, cin, cout, kernel, rngs, *, stride=1, padding=None, use_bias=True):
         if padding is None:
             padding = kernel // 2
         pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
-        init = torch_default_init(cin * kernel * kernel)
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, use_bias=use_bias,
-                        kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
+                        **fresh_init(self.init, cin * kernel * kernel), dtype=self.dtype,
+                        param_dtype=self.param_dtype, rngs=rngs)
 
     def group_norm(self, channels, groups, rngs, eps=1e-6):
         # Two-pass variance, as torch computes it: the one-pass form drifts from diffusers.
@@ -38,8 +53,7 @@ class LayerFactory:
                              dtype=self.dtype, param_dtype=self.param_dtype, rngs=rngs)
 
     def linear(self, cin, cout, rngs):
-        init = torch_default_init(cin)
-        return nnx.Linear(cin, cout, kernel_init=init, bias_init=init, dtype=self.dtype, param_dtype=self.param_dtype,
+        return nnx.Linear(cin, cout, **fresh_init(self.init, cin), dtype=self.dtype, param_dtype=self.param_dtype,
                           rngs=rngs)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from asymvq_jax.data import make_source
 from asymvq_jax.losses import gan
+from asymvq_jax.models.blocks import FRESH_INITS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -22,6 +23,8 @@ def default_config() -> ml_collections.ConfigDict:
                                      # it ends by measuring its scaling_factor (1 / latent std) on the training data
     c.measure_shift = False          # ... and its shift_factor (the latent mean), as SD3 and FLUX did
     c.factor_batches = 8             # training batches those factors are measured on
+    c.fresh_init = "torch"           # the layers init_from does not give: torch's default, as the authors'
+                                     # start; "lecun" = flax's default (lecun-normal weights, zero biases)
     c.random_encoder = False         # True: a decoder-only run without init_from, against a random frozen
                                      # encoder, on purpose (tests, runlocal); otherwise that run is refused
     c.dtype, c.param_dtype = "float32", "float32"   # compute, storage (and optimizer state)
@@ -100,6 +103,8 @@ def check(config) -> None:
             "a decoder-only run (train_encoder=False) needs init_from, the checkpoint whose frozen encoder the "
             "decoder learns to serve: pass --config.init_from=/path/to/sd-vae (or configs/asym_x1_5.py:/path); "
             "set --config.random_encoder=True to train against a random encoder on purpose")
+    if config.get("fresh_init", "torch") not in FRESH_INITS:
+        raise ValueError(f"fresh_init={config.fresh_init!r}: expected one of {', '.join(FRESH_INITS)}")
     group = config.loss.get("gan_group_size", 0)
     if group and config.batch_size % group:
         raise ValueError(f"loss.gan_group_size={group} does not divide batch_size={config.batch_size}: "

@@ -107,7 +107,7 @@ def fresh_trees(config):
     """Newly initialised models as pure trees, and their graphdefs. Run it under `jax.eval_shape`
     or `jax.jit`: eagerly it would put every parameter on one device."""
     vae = AutoencoderKL(model_config(config), rngs=nnx.Rngs(config.seed), remat=config.get("remat") or False,
-                        **dtypes(config))
+                        init=config.get("fresh_init", "torch"), **dtypes(config))
     vae_def, params, frozen = nnx.split(vae, trainable(config), ...)
     disc = NLayerDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers, rngs=nnx.Rngs(config.seed + 1),
                                **dtypes(config))
