@@ -62,6 +62,19 @@ def sample_photos_dir(dst) -> str:
     return dst
 
 
+# xdist gives each worker whole files (pyproject: --dist loadfile), in this order: the slowest first, so
+# the two workers end together. By default it starts with the files holding the most tests, which left
+# the few long runs (stages, pods, families) to the end, on one worker.
+SLOWEST_FIRST = ("test_train.py", "test_parallel.py", "test_stages.py", "test_train_families.py",
+                 "test_multihost.py", "test_gcs.py", "test_eval.py", "test_inference.py", "test_convert.py",
+                 "test_models.py", "test_families.py", "test_gan.py", "test_readme_families.py", "test_bench.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> dict[str, str]:
     """The bundled training photos and a random-weight LPIPS file, written once per session."""

@@ -17,7 +17,7 @@ from asymvq_jax.data import batch_for_step
 from asymvq_jax.train.loop import NonFiniteLossError, train
 from asymvq_jax.train.state import build
 from tests import tiny_config
-from tests.conftest import logged
+from tests.conftest import logged, random_lpips
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tests", "tiny_config.py")
@@ -124,10 +124,15 @@ def test_sigterm_saves_and_resume_repeats_the_uninterrupted_losses(assets, unint
 
 @pytest.mark.slow  # trains, or compiles a train step
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(assets, uninterrupted, tmp_path):
+    from safetensors.numpy import save_file
     workdir = str(tmp_path / "nan")
     train(config(assets, total_steps=2), workdir)
+    # NaN LPIPS weights make the perceptual term NaN. They are an input of the step (a NaN weight in the
+    # config would be a constant in it), so this run reuses the step the others compiled.
+    nan = {k: np.full_like(v, np.nan) for k, v in random_lpips().items()}
+    save_file(nan, str(tmp_path / "nan.safetensors"))
     with pytest.raises(NonFiniteLossError, match=r"non-finite .*nll.* at step 3"):
-        train(config(assets, **{"loss.perceptual_weight": float("nan")}), workdir)
+        train(config(assets, **{"loss.lpips_weights": str(tmp_path / "nan.safetensors")}), workdir)
     assert checkpoint.manager(workdir).latest_step() == 2
     checkpoint.load(workdir)  # still restorable
 
@@ -351,7 +356,10 @@ def test_export_of_a_run_of_stages_is_its_last_stage(assets, tmp_path):
     from asymvq_jax.train import stages
 
     first = config(assets, total_steps=2, sample_every=2)
-    second = config(assets, total_steps=2, sample_every=2, init_from="first", seed=1)
+    # The second stage takes the first's encoder and a fresh decoder, and differs by its masks (all
+    # holes): its train step is the first's, compiled once.
+    second = config(assets, total_steps=2, sample_every=2, init_from="first", init_decoder=False,
+                    **{"data.all_ones_prob": 1.0})
     run, out = str(tmp_path / "run"), str(tmp_path / "export")
     stages.run(ml_collections.ConfigDict({"stages": ("first", "second"), "first": first, "second": second}), run)
     assert convert_weights.main(["export", run, out, "--format", "diffusers"]) == 0
