@@ -126,3 +126,46 @@ def test_authors_torch_step_computes_what_ours_does(assets):
     for key, g in got.items():
         if not key.endswith("to_k.bias"):
             np.testing.assert_allclose(g, want[key], rtol=0, atol=1e-3 * np.abs(want[key]).max(), err_msg=key)
+
+
+def test_step_profile_finds_every_convolution_of_the_step(assets):
+    """The step profile reads every gradient convolution of the step from its jaxpr (the adaptive weight's
+    conv_out VJPs among them), and XLA and torch compute the same gradient for a one-sided padded
+    upsampling convolution."""
+    pytest.importorskip("torch")
+    import importlib.util
+
+    import jax
+
+    from asymvq_jax.losses.lpips import VGG16_CONV_CHANNELS
+    from asymvq_jax.train.state import build
+    from tests.tiny_config import get_config
+    spec = importlib.util.spec_from_file_location("step_profile", os.path.join(ROOT, "scripts", "step_profile.py"))
+    step_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_profile)
+    config = get_config()
+    config.loss.disc_start, config.loss.lpips_weights, config.ema_decay = 0, assets["lpips"], 0.0
+    graphdefs, state, fixed, tx, disc_tx = build(config)
+    x, mask, _ = load_bench().inputs(config.batch_size, config.image_size)
+    batch = {"image": x, "mask": mask}
+
+    counts = step_profile.step_convs(config, graphdefs, state, fixed, tx, disc_tx, batch)
+    # One weight-gradient per decoder convolution (four per upsampling one: it runs as four 2x2 sub-pixel
+    # convolutions), two more at conv_out (the adaptive weight's VJPs), and two per discriminator
+    # convolution (its real and fake calls).
+    def kernels(tree):
+        return [jax.tree_util.keystr(path) for path, k in jax.tree_util.tree_flatten_with_path(tree)[0]
+                if getattr(path[-1], "key", None) == "kernel" and k.ndim == 4]
+    decoder = kernels(state["params"]["decoder"])
+    upsampling = [path for path in decoder if "upsamplers" in path]
+    weight_grads = sum(n for key, n in counts.items() if key[0] == "weight-grad")
+    assert upsampling and weight_grads == len(decoder) + 3 * len(upsampling) + 2 + 2 * len(kernels(state["disc"]["params"]))
+    kernel = state["params"]["decoder"]["conv_out"]["kernel"].shape
+    assert sum(n for key, n in counts.items() if key[0] == "weight-grad" and key[2] == kernel) == 3
+    # LPIPS's input-gradients run over the reconstructions only, not over the real images too.
+    lpips_kernels = {(3, 3, cin, cout) for cin, cout in VGG16_CONV_CHANNELS}
+    lpips_grads = {key: n for key, n in counts.items() if key[0] == "input-grad" and key[2] in lpips_kernels}
+    assert sum(lpips_grads.values()) == 13 and {key[1][0] for key in lpips_grads} == {config.batch_size}
+    one_sided = next(key for key in counts if key[0] == "weight-grad" and key[4][0][0] != key[4][0][1])
+    xla_s, torch_s = step_profile.time_kind(*one_sided, reps=1)  # asserts both outputs agree
+    assert xla_s > 0 and torch_s > 0
