@@ -57,13 +57,19 @@ def untrained(config):
     return merge_vae(graphdefs["vae"], state["params"], fixed["frozen"])
 
 
+@pytest.fixture(scope="module")
+def first_untrained(run):
+    """The first stage's autoencoder as it started."""
+    return untrained(run[0].autoencoder)
+
+
 def report(config, vae):
     return held_out_report(config, vae, stages.TABLE_EXAMPLES)
 
 
-def test_full_autoencoder_mode_trains_the_encoder(run):
+def test_full_autoencoder_mode_trains_the_encoder(run, first_untrained):
     config, workdir = run
-    before, after = untrained(config.autoencoder), checkpoint.load(os.path.join(workdir, "autoencoder"))
+    before, after = first_untrained, checkpoint.load(os.path.join(workdir, "autoencoder"))
     old, new = params(before.encoder), params(after.encoder)
     changed = [k for k in old if not np.array_equal(old[k], new[k])]
     assert len(changed) == len(old), sorted(set(old) - set(changed))
@@ -135,15 +141,18 @@ def test_restart_skips_finished_stages_and_prints_the_table(run, capsys):
     assert os.path.join(workdir, "asymmetric", "samples", f"step_{STEPS['asymmetric']:07d}.png") in printed
 
 
-def test_trained_plain_decode_beats_the_untrained_model(run):
+@pytest.fixture(scope="module")
+def final(run):
+    """The held-out report of the run's last stage."""
     config, workdir = run
-    final = report(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
-    before = report(config.autoencoder, untrained(config.autoencoder))
+    return report(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
+
+
+def test_trained_plain_decode_beats_the_untrained_model(run, final, first_untrained):
+    before = report(run[0].autoencoder, first_untrained)
     assert final["plain"]["psnr/whole"] > before["plain"]["psnr/whole"] + TRAINED_MARGIN_DB, (final, before)
 
 
-def test_guided_decode_beats_the_plain_one_on_the_known_region_and_is_no_worse_in_the_hole(run):
-    config, workdir = run
-    final = report(config.asymmetric, checkpoint.load(os.path.join(workdir, "asymmetric")))
+def test_guided_decode_beats_the_plain_one_on_the_known_region_and_is_no_worse_in_the_hole(final):
     assert final["guided"]["psnr/known"] > final["plain"]["psnr/known"] + GUIDED_MARGIN_DB, final
     assert final["guided"]["psnr/hole"] >= final["plain"]["psnr/hole"] + HOLE_MARGIN_DB, final

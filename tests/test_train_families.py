@@ -2,9 +2,6 @@
 init_from), and a whole autoencoder's own measured factors."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +11,8 @@ from asymvq_jax import checkpoint, from_pretrained, save_pretrained
 from asymvq_jax.data import batch_for_step
 from asymvq_jax.models import FAMILIES
 from asymvq_jax.train.loop import train
-from tests.test_train import TINY, config
+from tests.test_train import config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ATOL, RTOL = 2e-4, 1e-3
 
 
@@ -38,11 +34,7 @@ def test_asymmetric_decoder_on_flux_latents(assets, tmp_path):
         scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False).eval()
     flux.save_pretrained(tmp_path / "flux")
     workdir = tmp_path / "run"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--config={TINY}", f"--workdir={workdir}",
-           "--config.total_steps=2", "--config.eval_every=0", f"--config.init_from={tmp_path / 'flux'}",
-           f"--config.data.path={assets['photos']}", f"--config.loss.lpips_weights={assets['lpips']}"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    train(config(assets, total_steps=2, eval_every=0, init_from=str(tmp_path / "flux")), str(workdir))
 
     trained, source = checkpoint.load(str(workdir)), from_pretrained(tmp_path / "flux")
     assert trained.config.family == "flux" and trained.config.asymmetric
