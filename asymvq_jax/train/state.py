@@ -173,12 +173,6 @@ def lpips_on_host(config):
         return lpips_def, pure(state)
 
 
-# For the initialisers, which run once: LLVM at -O1 compiles them in about a third of the CPU time
-# of the default -O2 (the test config's 31 -> 11 s, the local default's 19 -> 10 s) and gives the
-# same bits (-O0 does not: some differ in the last place).
-RUNS_ONCE = {"xla_backend_optimization_level": 1}
-
-
 def build(config, mesh=None, *, abstract: bool = False):
     """Returns (graphdefs, train state, fixed, decoder optimizer, discriminator optimizer); `fixed`
     holds what the step reads and never updates: the frozen VAE parameters and LPIPS's weights.
@@ -215,8 +209,7 @@ def build(config, mesh=None, *, abstract: bool = False):
     if abstract:
         state, frozen = with_shardings(abstract_state, state_shardings), trees["frozen"]
     else:
-        trees = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, trees),
-                        compiler_options=RUNS_ONCE)()
+        trees = jax.jit(fresh, out_shardings=jax.tree.map(lambda x: x.sharding, trees))()
         params, frozen = place(trees["params"], source), place(trees["frozen"], source)
         state = jax.jit(make_state, out_shardings=state_shardings, donate_argnums=(0, 1))(params, trees["disc"])
     graphdefs["lpips"], lpips = lpips_on_host(config)
