@@ -21,6 +21,7 @@ by the forward's shape, each timed alone under XLA and under torch's kernels (th
 
 import argparse
 import collections
+import copy
 import os
 import statistics
 import sys
@@ -109,7 +110,6 @@ def parts(config, graphdefs, state, fixed, tx, disc_tx, x, mask):
     step = bench.authors_train_step(config, vae, perceptual, disc)
     tx_, tmask = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()) for a in (x, mask))
     trec = torch.from_numpy(x_rec.__array__().transpose(0, 3, 1, 2).copy())
-    last_layer = vae.decoder.conv_out.weight
 
     def no_grad(fn):
         def run():
@@ -117,15 +117,19 @@ def parts(config, graphdefs, state, fixed, tx, disc_tx, x, mask):
                 fn()
         return run
 
-    def graph():  # optimizer 0's graph, for the adaptive weight's two autograd.grad calls
-        vae.decoder.requires_grad_(True)
-        disc.requires_grad_(False)
-        x_rec, nll, _ = step.forward(tx_, tmask, None)
-        return nll, -torch.mean(disc(x_rec))
-    nll, g_loss = graph()
+    def graph():
+        """Optimizer 0's graph, for the adaptive weight's two autograd.grad calls, built on copies of the
+        models: the other parts' Adam steps update the originals in place, and autograd refuses a graph
+        whose saved weights have changed since."""
+        vae_, disc_ = copy.deepcopy(vae), copy.deepcopy(disc)
+        forward = bench.authors_train_step(config, vae_, perceptual, disc_).forward
+        vae_.decoder.requires_grad_(True)
+        disc_.requires_grad_(False)
+        x_rec, nll, _ = forward(tx_, tmask, None)
+        return vae_.decoder.conv_out.weight, nll, -torch.mean(disc_(x_rec))
+    last_layer, nll, g_loss = graph()
 
-    def adaptive_weight_grads():  # the other parts toggle requires_grad, as Lightning does
-        last_layer.requires_grad_(True)
+    def adaptive_weight_grads():
         return (torch.autograd.grad(nll, last_layer, retain_graph=True),
                 torch.autograd.grad(g_loss, last_layer, retain_graph=True))
 

@@ -7,7 +7,7 @@ import numpy as np
 
 from asymvq_jax.data import make_source
 from asymvq_jax.losses import gan
-from asymvq_jax.models.blocks import FRESH_INITS
+from asymvq_jax.models.blocks import fresh_init
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -103,8 +103,7 @@ def check(config) -> None:
             "a decoder-only run (train_encoder=False) needs init_from, the checkpoint whose frozen encoder the "
             "decoder learns to serve: pass --config.init_from=/path/to/sd-vae (or configs/asym_x1_5.py:/path); "
             "set --config.random_encoder=True to train against a random encoder on purpose")
-    if config.get("fresh_init", "torch") not in FRESH_INITS:
-        raise ValueError(f"fresh_init={config.fresh_init!r}: expected one of {', '.join(FRESH_INITS)}")
+    fresh_init(config.get("fresh_init", "torch"), 1)  # a bad name fails here, before anything is built
     group = config.loss.get("gan_group_size", 0)
     if group and config.batch_size % group:
         raise ValueError(f"loss.gan_group_size={group} does not divide batch_size={config.batch_size}: "
