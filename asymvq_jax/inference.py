@@ -95,24 +95,29 @@ def _global_stats(moments) -> tuple[np.ndarray, np.ndarray]:
     return mean.astype(np.float32), (m2 / n).astype(np.float32)
 
 
+def _normalizer(stats):
+    return own_statistics if stats is None else lambda norm, x: group_norm_with(norm, x, *stats)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _tile_segment(run, graphdef, groups, state, carry, stats, cond, mask, core):
     """One decoder segment (`Decoder.segments`) on one tile, its GroupNorm given the whole image's
     statistics; returns the new carry and the moments of its last array (the next norm's input) over
     the tile's core. Jit keys on the segment's kind and structure, so like segments share a program."""
-    normalize = own_statistics if stats is None else lambda norm, x: group_norm_with(norm, x, *stats)
-    carry = run(nnx.merge(graphdef, state), carry, normalize, cond, mask)
+    carry = run(nnx.merge(graphdef, state), carry, _normalizer(stats), cond, mask)
     return carry, _core_moments(groups, carry[-1] if isinstance(carry, tuple) else carry, core)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _tile_output(run, graphdef, state, carry, stats):
+    """The last segment (the output norm, which blends nothing) and conv_out on one tile: the image."""
+    segment_modules, conv_out = nnx.merge(graphdef, state)
+    return conv_out(run(segment_modules, carry, _normalizer(stats), None, None))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _branch_features(graphdef, state, image, mask):
     return nnx.merge(graphdef, state).branch_features(image, mask)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, x):
-    return nnx.merge(graphdef, state)(x)
 
 
 def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64, overlap: int = 16,
@@ -137,8 +142,8 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
     tiles, s = _tiles(z.shape[1], z.shape[2], tile, overlap), vae.downscale
     carries = [mid[:, t.y:t.y + t.core.shape[0], t.x:t.x + t.core.shape[1]] for t in tiles]
     kept = [{} for _ in tiles]  # each tile's branch features below full resolution, by level, until blended
-    decoder, segments = nnx.split(vae.decoder), vae.decoder.segments()
-    bar = _progress(len(segments) * len(tiles), progress, "tile segments")
+    decoder, (*segments, last) = nnx.split(vae.decoder), vae.decoder.segments()
+    bar = _progress((len(segments) + 1) * len(tiles), progress, "tile segments")
     stats = None
     for segment in segments:
         graphdef, state = nnx.split(segment.modules)
@@ -155,13 +160,14 @@ def decode_tiled(vae: AutoencoderKL, z, image=None, mask=None, *, tile: int = 64
             moments.append(m)
             bar.update()
         stats = _global_stats(moments)
-    bar.close()
-    conv_out = nnx.split(vae.decoder.conv_out)
+    output = nnx.split((last.modules, vae.decoder.conv_out))
     out = np.zeros((z.shape[0], z.shape[1] * s, z.shape[2] * s, vae.config.out_channels), np.float32)
     for t, carry in zip(tiles, carries):
         (y0, y1), (x0, x1) = t.rows, t.cols
-        tile_out = np.asarray(_apply(*conv_out, carry))
+        tile_out = np.asarray(_tile_output(last.run, *output, carry, stats))
         out[:, y0 * s:y1 * s, x0 * s:x1 * s] = tile_out[:, (y0 - t.y) * s:(y1 - t.y) * s, (x0 - t.x) * s:(x1 - t.x) * s]
+        bar.update()
+    bar.close()
     return out
 
 

@@ -200,17 +200,23 @@ def lowered(fn) -> collections.Counter:
 
 
 def test_tiled_decode_compiles_once_per_segment_shape():
-    """Segments of one kind and shape share a program: with three ResNets per level (as in the presets),
-    26 segments take 16 programs. More tiles of the same size, or a second decode, compile nothing new
-    but the mid block (which runs on the whole latent)."""
+    """Segments of one kind and shape share a program. With three ResNets per level (as in the presets)
+    the 26 segments take 14: the blend after the mid block, then per level a first half, a second half
+    and the last second half (which upsamples and blends), and a first half with a shortcut where the
+    width changes (the last level here); the output norm runs with conv_out. A second decode, or more
+    tiles of the same size, compile nothing new but the mid block (which runs on the whole latent); a
+    plain decode after a guided one compiles only the segments that blend."""
     vae = random_model(SMALL.replace(layers_per_up_block=2))
     x, mask, z = inputs(160)  # latent 20: 2x2 tiles of 12, a size no other test here decodes (jit caches are global)
-    decoder = [f"jit({name})" for name in ("_tile_segment", "_branch_features", "_apply", "_decode_mid")]
-    first = lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=12, overlap=4))
+    decoder = [f"jit({name})" for name in ("_tile_segment", "_tile_output", "_branch_features", "_decode_mid")]
+    guided = lambda: inference.decode_tiled(vae, z, x, mask, tile=12, overlap=4)
+    first = lowered(guided)
     print("tiled decode, 2x2 tiles:", dict(first))
     assert len(vae.decoder.segments()) == 26
-    assert [first[name] for name in decoder] == [16, 1, 1, 1]
-    assert not any(lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=12, overlap=4))[n] for n in decoder)
+    assert [first[name] for name in decoder] == [1 + 3 + 3 + 3 + 4, 1, 1, 1]
+    assert not any(lowered(guided)[n] for n in decoder)
+    plain = lowered(lambda: inference.decode_tiled(vae, z, tile=12, overlap=4))
+    assert {n: c for n, c in plain.items() if n in decoder} == {"jit(_tile_segment)": 1 + 3}
     x, mask, z = inputs(224)  # 3x3 tiles of the same size
     assert {n: c for n, c in lowered(lambda: inference.decode_tiled(vae, z, x, mask, tile=12, overlap=4)).items()
             if n in decoder} == {"jit(_decode_mid)": 1}

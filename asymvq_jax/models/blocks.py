@@ -79,7 +79,7 @@ class ResnetBlock(nnx.Module):
         self.conv_shortcut = make.conv(cin, cout, 1, rngs) if cin != cout else None
 
     def __call__(self, x, normalize=own_statistics):
-        return self.second_half(self.first_half(x, normalize), normalize)
+        return resnet_second_half(self.norm2, self.conv2, self.first_half(x, normalize), normalize)
 
     # The halves start at the GroupNorms, where a tiled decode puts in the whole image's statistics
     # (`normalize`); see `Decoder.segments`.
@@ -88,9 +88,13 @@ class ResnetBlock(nnx.Module):
         residual = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return residual, self.conv1(nnx.silu(normalize(self.norm1, x)))
 
-    def second_half(self, carry, normalize=own_statistics):
-        residual, h = carry
-        return residual + self.conv2(nnx.silu(normalize(self.norm2, h)))
+
+def resnet_second_half(norm, conv, carry, normalize=own_statistics):
+    """A ResNet block's norm2 .. conv2, and the residual. A function of those two layers rather than of
+    the block, so the second halves of one width are one program to jit whether or not their block
+    has a shortcut."""
+    residual, h = carry
+    return residual + conv(nnx.silu(normalize(norm, h)))
 
 
 ATTENTION_CHUNK = 1024  # queries per step: a 2048 px image (256x256 latent) holds 1024 x 65536 logits

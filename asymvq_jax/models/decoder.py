@@ -5,7 +5,8 @@ from typing import Callable
 
 from flax import nnx
 
-from asymvq_jax.models.blocks import LayerFactory, MidBlock, UpBlock, own_statistics, remat_policy
+from asymvq_jax.models.blocks import (LayerFactory, MidBlock, UpBlock, own_statistics, remat_policy,
+                                     resnet_second_half)
 from asymvq_jax.models.condition import MaskConditionEncoder, blend
 from asymvq_jax.models.config import VAEConfig
 
@@ -58,7 +59,8 @@ class Decoder(nnx.Module):
             for j, resnet in enumerate(block.resnets):
                 last = j + 1 == len(block.resnets)
                 segments.append(Segment(_first_half, (resnet,)))
-                segments.append(Segment(_second_half, (resnet, block.upsamplers if last else ()),
+                upsamplers = tuple(block.upsamplers) if last else ()
+                segments.append(Segment(_second_half, (resnet.norm2, resnet.conv2, upsamplers),
                                         level=i + 1 if last else None))
         return segments + [Segment(_norm_out, (self.conv_norm_out,))]
 
@@ -96,8 +98,8 @@ def _first_half(modules, x, normalize, cond, mask):
 
 def _second_half(modules, carry, normalize, cond, mask):
     """The ResNet's second half; at the end of an up level, its upsampling and blend too."""
-    resnet, upsamplers = modules
-    x = resnet.second_half(carry, normalize)
+    norm, conv, upsamplers = modules
+    x = resnet_second_half(norm, conv, carry, normalize)
     for up in upsamplers:
         x = up(x)
     return x if cond is None else blend(x, cond, mask)
