@@ -324,18 +324,23 @@ def authors_train_step(config, vae, perceptual, disc):
     return step
 
 
-def bench_train(model, size, batch, reps, device, with_torch, group_sizes=(0,)) -> list[dict]:
+def bench_train(model, size, batch, reps, device, with_torch, group_sizes=(0,), kernel_grads=("auto",)) -> list[dict]:
     """Our jitted training step (the default recipe, GAN on, fp32) beside the authors' PyTorch step
-    holding the same weights on the same batch, alternating. One row per gan_group_size: each is
-    compiled and timed in the same rounds (groups of 1 cost the per-group VJPs)."""
+    holding the same weights on the same batch, alternating. One row per gan_group_size and kernel
+    gradient formulation (models.conv.KERNEL_GRAD): each is compiled and timed in the same rounds
+    (groups of 1 cost the per-group VJPs)."""
+    from asymvq_jax.models import conv
     x, mask, _ = inputs(batch, size)
     batch_in = {"image": x, "mask": mask}
     runs, compiled, compile_s = {}, {}, {}
-    for group in group_sizes:
+    cases = [(group, mode) for group in group_sizes for mode in kernel_grads]
+    for group, mode in cases:
         config, (graphdefs, state, fixed, tx, disc_tx) = train_setup(model, size, batch, group)
         start = time.perf_counter()
-        runs[f"ours{group}"], compiled[group] = our_train_step(config, graphdefs, tx, disc_tx, state, fixed, batch_in)
-        compile_s[group] = time.perf_counter() - start
+        with conv.kernel_grads(mode):
+            runs[f"ours{group}{mode}"], compiled[group, mode] = our_train_step(config, graphdefs, tx, disc_tx, state,
+                                                                                fixed, batch_in)
+        compile_s[group, mode] = time.perf_counter() - start
     if with_torch:
         import torch
         modules = torch_models(config, graphdefs, state, fixed)
@@ -344,11 +349,12 @@ def bench_train(model, size, batch, reps, device, with_torch, group_sizes=(0,)) 
         runs["diffusers"] = lambda: step(tx_, tmask, int(state["step"]))
     times = side_by_side(runs, reps)
     rows = []
-    for group in group_sizes:
-        mine = {"ours": times[f"ours{group}"], "ours_cpu": times[f"ours{group}_cpu"]}
+    for group, mode in cases:
+        mine = {"ours": times[f"ours{group}{mode}"], "ours_cpu": times[f"ours{group}{mode}_cpu"]}
         theirs = {k: times[k] for k in ("diffusers", "diffusers_cpu") if k in times}
-        r = row("train", size, "float32", batch, {**mine, **theirs}, compile_s[group], compiled[group], device)
-        rows.append({**r, "gan_group_size": group})
+        r = row("train", size, "float32", batch, {**mine, **theirs}, compile_s[group, mode], compiled[group, mode],
+                device)
+        rows.append({**r, "gan_group_size": group, "kernel_grad": mode})
     return rows
 
 
@@ -380,6 +386,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-diffusers", action="store_true", help="ours only")
     parser.add_argument("--gan-group-sizes", default="0", help="train: our step with each loss.gan_group_size "
                         "(comma-separated; 0 = one group), timed in the same rounds")
+    parser.add_argument("--kernel-grads", default="auto", help="train: our step with each kernel-gradient "
+                        "formulation (models.conv.KERNEL_GRAD: auto, dots, xla; comma-separated), timed in the "
+                        "same rounds")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
     choice = {k: (getattr(args, k) or (QUICK if args.quick else ALL)[k]).split(",") for k in ALL}
@@ -409,11 +418,13 @@ def main(argv=None) -> int:
                         print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
     if "train" in choice["ops"]:
         groups = tuple(map(int, args.gan_group_sizes.split(",")))
+        kernel_grads = tuple(args.kernel_grads.split(","))
         for name in choice["models"]:
             for size in map(int, choice["sizes"]):
                 for batch in map(int, choice["batches"]):
-                    for r in bench_train(name, size, batch, reps, device, not args.no_diffusers, groups):
+                    for r in bench_train(name, size, batch, reps, device, not args.no_diffusers, groups, kernel_grads):
                         label = name if r["gan_group_size"] == 0 else f"{name} g{r['gan_group_size']}"
+                        label += "" if len(kernel_grads) == 1 else f" {r['kernel_grad']}"
                         result["rows"].append({"model": label, "load": os.getloadavg(), **r})
                         print(table(result["rows"][-1:]).splitlines()[-1], flush=True)
     result["load_after"] = os.getloadavg()

@@ -17,6 +17,8 @@ Parts (each jitted alone; the torch column does the same work with torch's autog
                    (through LPIPS's and D's backward to conv_out, on a graph already built)
 Convolutions: every convolution in our step's jaxpr (forward, input-gradient, weight-gradient) grouped
 by the forward's shape, each timed alone under XLA and under torch's kernels (their outputs must agree).
+The weight-gradients are found as XLA's autodiff writes them; the "ours" column times each as the step
+computes it (models.conv: as dots on the CPU, see kernel_grad), and equals XLA's for the other kinds.
 """
 
 import argparse
@@ -164,6 +166,7 @@ def step_convs(config, graphdefs, state, fixed, tx, disc_tx, batch) -> collectio
     import jax
     import jax.extend
 
+    from asymvq_jax.models import conv
     from asymvq_jax.train.step import make_train_step
     found = collections.Counter()
 
@@ -184,7 +187,8 @@ def step_convs(config, graphdefs, state, fixed, tx, disc_tx, batch) -> collectio
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
 
-    walk(jax.make_jaxpr(make_train_step(config, graphdefs, tx, disc_tx))(state, fixed, batch).jaxpr)
+    with conv.kernel_grads("xla"):  # every weight-gradient a convolution, found by its layout
+        walk(jax.make_jaxpr(make_train_step(config, graphdefs, tx, disc_tx))(state, fixed, batch).jaxpr)
     # The gradients' keys name the forward by its low padding: take the high one from that forward.
     forwards = [key[1:] for key in found if key[0] == "forward"]
     counts = collections.Counter()
@@ -195,11 +199,14 @@ def step_convs(config, graphdefs, state, fixed, tx, disc_tx, batch) -> collectio
     return counts
 
 
-def time_kind(kind, shape, kernel, strides, padding, reps) -> tuple[float, float]:
-    """(XLA s, torch s) for one convolution or one of its two gradients; the outputs must agree."""
+def time_kind(kind, shape, kernel, strides, padding, reps) -> tuple[float, float, float]:
+    """(XLA s, torch s, ours s) for one convolution or one of its two gradients, ours as our step computes
+    it (models.conv); the outputs must agree."""
     import jax
     import numpy as np
     import torch
+
+    from asymvq_jax.models import conv as ours
     rng = np.random.default_rng(0)
     x = rng.standard_normal(shape, np.float32)
     k = (rng.standard_normal(kernel) / np.sqrt(np.prod(kernel[:3]))).astype(np.float32)
@@ -217,6 +224,11 @@ def time_kind(kind, shape, kernel, strides, padding, reps) -> tuple[float, float
     compiled = jax.jit(fn).lower(*args).compile()
     want = np.asarray(compiled(*args))
     xla = best_time(lambda: compiled(*args).block_until_ready(), reps)
+    mine = xla
+    if kind == "weight-grad" and ours.kernel_grad_mode() == "dots":
+        ours_fn = jax.jit(lambda x, g: ours.kernel_grad(x, g, kernel, strides, padding)).lower(*args[::2]).compile()
+        np.testing.assert_allclose(ours_fn(*args[::2]), want, atol=1e-4 * np.abs(want).max(), rtol=0)
+        mine = best_time(lambda: ours_fn(*args[::2]).block_until_ready(), reps)
 
     # torch pads symmetrically: pad the input by hand (the decoder's sub-pixel upsampling convs are
     # 2x2 with one-sided padding), and crop the input-gradient back to the unpadded input.
@@ -237,7 +249,7 @@ def time_kind(kind, shape, kernel, strides, padding, reps) -> tuple[float, float
         scale = np.abs(want).max()
         np.testing.assert_allclose(got, want, atol=1e-3 * scale, rtol=0, err_msg=f"{kind} {shape} {kernel}")
         ref = best_time(run, reps)
-    return xla, ref
+    return xla, ref, mine
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -278,20 +290,23 @@ def main(argv=None) -> int:
         for (kind, shape, kernel, strides, padding), n in sorted(counts.items(),
                                                                  key=lambda kv: -kv[1] * conv_gflop(*kv[0][1:])):
             gflop = conv_gflop(shape, kernel, strides, padding)
-            xla, ref = time_kind(kind, shape, kernel, strides, padding, args.reps)
-            totals[kind].update({"gflop": n * gflop, "xla": n * xla, "torch": n * ref})
+            xla, ref, mine = time_kind(kind, shape, kernel, strides, padding, args.reps)
+            totals[kind].update({"gflop": n * gflop, "xla": n * xla, "torch": n * ref, "ours": n * mine})
             pads = " / ".join(f"{lo},{hi}" for lo, hi in padding)
             rows.append(f"| {kind} | {'x'.join(map(str, shape[1:]))} | {'x'.join(map(str, kernel))} | {strides[0]} "
-                        f"| {pads} | {n} | {gflop / xla:.0f} | {gflop / ref:.0f} | {n * xla:.3f} | {n * ref:.3f} |")
-        print("| kind | input HxWxC | kernel | stride | padding | count | XLA GFLOP/s | torch GFLOP/s | XLA s | torch s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+                        f"| {pads} | {n} | {gflop / xla:.0f} | {gflop / ref:.0f} | {gflop / mine:.0f} | {n * xla:.3f} "
+                        f"| {n * ref:.3f} | {n * mine:.3f} |")
+        print("| kind | input HxWxC | kernel | stride | padding | count | XLA GFLOP/s | torch GFLOP/s | ours GFLOP/s "
+              "| XLA s | torch s | ours s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         print("\n".join(rows))
         for kind, t in totals.items():
             print(f"| {kind}: all | | | | | | {t['gflop'] / t['xla']:.0f} | {t['gflop'] / t['torch']:.0f} "
-                  f"| {t['xla']:.2f} | {t['torch']:.2f} |")
-        gflop, xla, ref = (sum(t[k] for t in totals.values()) for k in ("gflop", "xla", "torch"))
+                  f"| {t['gflop'] / t['ours']:.0f} | {t['xla']:.2f} | {t['torch']:.2f} | {t['ours']:.2f} |")
+        gflop, xla, ref, mine = (sum(t[k] for t in totals.values()) for k in ("gflop", "xla", "torch", "ours"))
         print(f"\n{gflop:.0f} GFLOP of convolutions in our step: XLA's kernels {xla:.2f} s, torch's {ref:.2f} s "
-              f"({xla / ref:.2f}x); load average {os.getloadavg()[0]:.1f}")
+              f"({xla / ref:.2f}x), as our step runs them {mine:.2f} s ({mine / ref:.2f}x); "
+              f"load average {os.getloadavg()[0]:.1f}")
     return 0
 
 

@@ -167,5 +167,5 @@ def test_step_profile_finds_every_convolution_of_the_step(assets):
     lpips_grads = {key: n for key, n in counts.items() if key[0] == "input-grad" and key[2] in lpips_kernels}
     assert sum(lpips_grads.values()) == 13 and {key[1][0] for key in lpips_grads} == {config.batch_size}
     one_sided = next(key for key in counts if key[0] == "weight-grad" and key[4][0][0] != key[4][0][1])
-    xla_s, torch_s = step_profile.time_kind(*one_sided, reps=1)  # asserts both outputs agree
-    assert xla_s > 0 and torch_s > 0
+    xla_s, torch_s, ours_s = step_profile.time_kind(*one_sided, reps=1)  # asserts the three outputs agree
+    assert xla_s > 0 and torch_s > 0 and ours_s > 0

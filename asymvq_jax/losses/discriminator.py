@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from asymvq_jax.models.conv import conv_general_dilated
+
 Dtype = Any
 PAD1 = ((1, 1), (1, 1))
 
@@ -119,7 +121,7 @@ class NLayerDiscriminator(nnx.Module):
             return nnx.Conv(
                 cin, cout, (4, 4), strides=(stride, stride), padding=PAD1, use_bias=bias,
                 kernel_init=kinit, bias_init=_torch_default_bias_init(cin * 16),
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                dtype=dtype, param_dtype=param_dtype, conv_general_dilated=conv_general_dilated, rngs=rngs,
             )
 
         def bn(c):

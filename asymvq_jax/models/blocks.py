@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from asymvq_jax.models.conv import conv_general_dilated
+
 
 def torch_default_init(fan_in: int):
     """torch's default for Conv2d and Linear, weights and biases alike: U(+-1/sqrt(fan_in)) (for the
@@ -45,7 +47,7 @@ class LayerFactory:
         pad = padding if isinstance(padding, str) else ((padding, padding), (padding, padding))
         return nnx.Conv(cin, cout, (kernel, kernel), strides=stride, padding=pad, use_bias=use_bias,
                         **fresh_init(self.init, cin * kernel * kernel), dtype=self.dtype,
-                        param_dtype=self.param_dtype, rngs=rngs)
+                        param_dtype=self.param_dtype, conv_general_dilated=conv_general_dilated, rngs=rngs)
 
     def group_norm(self, channels, groups, rngs, eps=1e-6):
         # Two-pass variance, as torch computes it: the one-pass form drifts from diffusers.
@@ -170,8 +172,8 @@ def _phase_taps(kernel, axis):
 def conv_with(conv: nnx.Conv, x, kernel, padding, strides=(1, 1)):
     """`conv`'s dtype, precision and bias around another kernel (a reformulation of its own)."""
     x, kernel, bias = conv.promote_dtype((x, kernel, conv.bias[...]), dtype=conv.dtype)
-    y = jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=conv.precision)
+    y = conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                             precision=conv.precision)
     return y + bias
 
 
