@@ -20,6 +20,7 @@ from asymvq_jax.losses.gan import (
     generator_total_loss,
     grouped_head_grads,
     hinge_d_loss,
+    hole_border,
     reconstruction_nll,
 )
 from asymvq_jax.losses.lpips import LPIPS, expected_shapes
@@ -35,6 +36,19 @@ def test_hinge_and_generator_loss():
     np.testing.assert_allclose(float(generator_loss(jnp.asarray(fake))), -fake.mean(), rtol=1e-6)
 
 
+def test_hole_border_is_the_band_on_both_sides_of_the_border():
+    mask = np.zeros((2, 10, 10, 1), np.float32)
+    mask[0, 3:6, 4:8] = 1        # a hole inside the image
+    mask[1, :, :5] = 1           # a hole reaching the image's edge: the edge is no border
+    band = np.asarray(hole_border(jnp.asarray(mask), 1))[..., 0]
+    want = np.zeros((2, 10, 10))
+    want[0, 2:7, 3:9] = 1
+    want[0, 4, 5:7] = 0          # the hole's inside, more than 1 px from its border
+    want[1, :, 4:6] = 1
+    np.testing.assert_array_equal(band, want)
+    assert not np.asarray(hole_border(jnp.ones((1, 6, 6, 1)), 2)).any()   # all hole: no border
+
+
 def test_reconstruction_nll_and_kl():
     rng = np.random.default_rng(1)
     x = rng.uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
@@ -44,6 +58,10 @@ def test_reconstruction_nll_and_kl():
     want = (np.abs(x - r) + p[:, None, None, None]).sum() / 3
     np.testing.assert_allclose(float(reconstruction_nll(jnp.asarray(x), jnp.asarray(r), jnp.asarray(p))), want, rtol=1e-6)
     np.testing.assert_allclose(float(reconstruction_nll(jnp.asarray(x), jnp.asarray(r))), np.abs(x - r).sum() / 3, rtol=1e-6)
+    w = rng.uniform(0, 3, (3, 8, 8, 1)).astype(np.float32)  # per pixel, on the L1 term only
+    want_w = (w * np.abs(x - r) + p[:, None, None, None]).sum() / 3
+    np.testing.assert_allclose(float(reconstruction_nll(jnp.asarray(x), jnp.asarray(r), jnp.asarray(p), jnp.asarray(w))),
+                               want_w, rtol=1e-6)
     m = rng.normal(size=(3, 4, 4, 4)).astype(np.float32)
     lv = rng.normal(size=(3, 4, 4, 4)).astype(np.float32)
     want_kl = (0.5 * (m ** 2 + np.exp(lv) - 1 - lv)).sum() / 3

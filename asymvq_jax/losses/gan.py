@@ -50,7 +50,8 @@ def disc_factor(step: jax.Array | int, disc_start: int = DISC_START, factor: flo
 
 
 # ---------------------------------------------------------------- reconstruction / KL
-def reconstruction_nll(x: jax.Array, x_rec: jax.Array, p_loss: jax.Array | None = None) -> jax.Array:
+def reconstruction_nll(x: jax.Array, x_rec: jax.Array, p_loss: jax.Array | None = None,
+                       pixel_weight: jax.Array | None = None) -> jax.Array:
     """The authors' NLL term.
 
     ``rec = |x - x_rec| + p_loss`` with the per-image (already weighted) LPIPS ``p_loss``
@@ -64,12 +65,25 @@ def reconstruction_nll(x: jax.Array, x_rec: jax.Array, p_loss: jax.Array | None 
     norms ``||grad nll|| / ||grad g||``, so the GAN/reconstruction balance and the 0.8
     ``disc_weight`` only reproduce the paper with exactly this normalisation.  (LPIPS
     enters H*W*C times: once per broadcast pixel.)
+
+    `pixel_weight` ([B, H, W, 1], optional; not the authors') scales the L1 term per pixel, LPIPS not.
     """
     x = x.astype(jnp.float32)
     rec = jnp.abs(x - x_rec.astype(jnp.float32))
+    if pixel_weight is not None:
+        rec = rec * pixel_weight.astype(jnp.float32)
     if p_loss is not None:
         rec = rec + jnp.asarray(p_loss, jnp.float32).reshape((x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.sum(rec) / x.shape[0]
+
+
+def hole_border(mask: jax.Array, width: int) -> jax.Array:
+    """1 on the pixels within `width` pixels (Chebyshev) of the hole's border, on either side; 0 elsewhere.
+    `mask` is [B, H, W, 1], 1 in the hole."""
+    window, pad = (1, 2 * width + 1, 2 * width + 1, 1), ((0, 0), (width, width), (width, width), (0, 0))
+    dilated = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, window, (1, 1, 1, 1), pad)
+    eroded = jax.lax.reduce_window(mask, jnp.inf, jax.lax.min, window, (1, 1, 1, 1), pad)
+    return dilated - eroded
 
 
 # -------------------------------------------------------------------- adaptive weight
@@ -138,6 +152,6 @@ def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
 __all__ = [
     "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
     "hinge_d_loss", "generator_loss", "disc_factor",
-    "reconstruction_nll", "adaptive_weight_from_grads",
+    "reconstruction_nll", "hole_border", "adaptive_weight_from_grads",
     "generator_total_loss", "grouped_head_grads",
 ]

@@ -47,7 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
         "disc_factor": 1.0, "disc_start": gan.DISC_START, "lpips_weights": "",   # "" = the default weight file
         # Images per group for the adaptive GAN weight and the discriminator's BatchNorm statistics, as
         # each of the authors' 8 GPUs takes them from its own images (0 = the whole global batch).
-        "gan_group_size": 0})
+        "gan_group_size": 0,
+        # Not the authors': the L1 term weighted (1 + border_weight) x within border_width pixels of the hole's border.
+        "border_weight": 0.0, "border_width": 2})
     c.disc = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
 
     c.data = ml_collections.ConfigDict({

@@ -47,6 +47,7 @@ def make_decoder_grads(config, graphdefs):
     # is most of a small model's step, and the discriminator a good part of its compile time).
     use_lpips = loss_cfg.perceptual_weight != 0
     use_gan = loss_cfg.disc_factor != 0
+    border_weight, border_width = loss_cfg.get("border_weight", 0.0), loss_cfg.get("border_width", 2)
 
     def decoder_grads(state, fixed, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
@@ -66,8 +67,13 @@ def make_decoder_grads(config, graphdefs):
             tree = {**params, "decoder": {**params["decoder"], "conv_out": conv_params}}
             return merge_vae(graphdefs["vae"], tree, fixed["frozen"]).decoder.conv_out(h)
 
+        # L1 weighted up on the hole's border (either side), where the blend switches between the decoder's
+        # features and the branch's: there a rim shows that the sum over all pixels barely sees.
+        weight = 1.0 + border_weight * gan.hole_border(mask, border_width) if border_weight else None
+
         def nll(x_rec):
-            return gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None)
+            return gan.reconstruction_nll(x, x_rec, loss_cfg.perceptual_weight * lpips(x, x_rec) if use_lpips else None,
+                                          weight)
 
         def group_g(x_rec):  # each group's generator loss, its discriminator statistics its own
             logits = apply_disc(graphdefs["disc"], d_params, d_stats, x_rec, group)[0]
