@@ -51,8 +51,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     """`lax.conv_general_dilated`'s signature and forward. A plain NHWC x HWIO convolution (no
     dilation, no groups, no extra options) takes its kernel gradient as dots when
     `kernel_grad_mode()` says so; anything else is lax's convolution unchanged."""
-    plain = (not any(d not in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
-             and feature_group_count == 1 and not any(v is not None for v in kwargs.values())
+    plain = (all(d in (None, 1) for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+             and feature_group_count == 1 and all(v is None for v in kwargs.values())
              and lhs.ndim == 4
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
