@@ -26,7 +26,8 @@ def stage(preset: str, total_steps: int, lr: float):
     c.model.preset, c.model.overrides = preset, dict(WIDTHS)
     # The declared photos include scikit-learn's two and matplotlib's one (colour; 7 of the 12 before were
     # grey). After stage 2 on the held-out photos: guided hole 17.85 -> 18.19 dB, guided known 25.13 ->
-    # 25.62, plain 18.02 -> 18.09 (stage 1 alone 17.59 -> 17.49).
+    # 25.62, plain 18.02 -> 18.09 (stage 1 alone 17.59 -> 17.49). matplotlib's other colour image,
+    # Minduka_Present_Blue_Pack.png, stays out: a 128 px rendered icon on a transparent ground, not a photo.
     c.data.source = "bundled_photos"
     c.image_size, c.batch_size = 64, 4
     c.total_steps, c.lr, c.warmup_steps = total_steps, lr, 20
@@ -53,10 +54,10 @@ def get_config(arg=None):
     # is about 2.5x faster on the CPU; 600 such steps scored lower (17.78 dB).
     autoencoder.loss.perceptual_weight = 0.0
     # The new branch at 4e-3 (8e-3 since, below), and no all-hole masks rather than the recipe's half: in
-    # a few hundred steps the branch must learn to reproduce the known region (at 1e-3 and one half it reached 15.6 dB, below
-    # the plain decode). After 450 steps, held-out guided known / guided hole / plain hole: all-hole share
-    # 0 27.30 / 19.30 / 18.53 dB, 0.1 26.81 / 19.11 / 18.38; before the LPIPS change f0ced50, 0.1
-    # 26.62 / 18.64 / 17.94 and 0.25 25.92 / 18.70 / 18.19.
+    # a few hundred steps the branch must learn to reproduce the known region (at 1e-3 and one half it
+    # reached 15.6 dB, below the plain decode). After 450 steps, held-out guided known / guided hole /
+    # plain hole: all-hole share 0 27.30 / 19.30 / 18.53 dB, 0.1 26.81 / 19.11 / 18.38; before the LPIPS
+    # change f0ced50, 0.1 26.62 / 18.64 / 17.94 and 0.25 25.92 / 18.70 / 18.19.
     # 450 steps, in the time stage 1's L1 steps free (at 300, from an LPIPS stage 1 and 0.25 all-hole:
     # known 25.49 dB). Stage 2 keeps LPIPS: with L1 alone the branch never learnt the known region
     # (18.78 dB after 300 steps; training known-region MSE 0.0097 against 0.0008).
@@ -70,11 +71,12 @@ def get_config(arg=None):
     # 19.24, guided known 27.36.
     asymmetric.loss.border_weight, asymmetric.loss.border_width = 4.0, 2
     # The decoder it joins at 0.5x of 4e-3 (0.25x of 8e-3 since) rather than the recipe's 0.1x: ours is a
-    # 300-step decoder, not SD's, and must learn to take the branch's features as context. At 0.1x the guided decode was 0.6 dB behind the
-    # plain one in the hole, with outlines of the mask at its border (held-out hole 18.19 against 18.80 dB);
-    # at 0.5x it is ahead (18.84 against 18.59), the known region the same (25.68 against 25.62).
-    # Tried and dropped: the decoder held fixed for the first 100 steps while the branch learnt, which
-    # left the known region far behind (the branch alone cannot make the fixed decoder reproduce it).
+    # 300-step decoder, not SD's, and must learn to take the branch's features as context. At 0.1x the
+    # guided decode was 0.6 dB behind the plain one in the hole, with outlines of the mask at its border
+    # (held-out hole 18.19 against 18.80 dB); at 0.5x it is ahead (18.84 against 18.59), the known region
+    # the same (25.68 against 25.62). Tried and dropped: the decoder held fixed for the first 100 steps
+    # while the branch learnt, which left the known region far behind (the branch alone cannot make the
+    # fixed decoder reproduce it).
     asymmetric.pretrained_lr_mult = 0.25
     # The branch at 8e-3 and the decoder at 0.25x of it (the same 2e-3 as 4e-3 x 0.5 gave it): the branch
     # underfit the known region (training known MSE about as high as held-out). After 450 steps, held-out
