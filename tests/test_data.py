@@ -102,6 +102,28 @@ def test_hosts_read_disjoint_parts_of_the_global_batch(noise_dir):
         make_train_iterator(_cfg(noise_dir, batch_size=5), process_index=0, process_count=2)
 
 
+def _moves(img, ref, turns):
+    """The (mirror, quarter turns) that take `ref` to `img`."""
+    return [(m, k) for m in (0, 1) for k in turns if np.array_equal(img, np.rot90(ref[:, ::-1] if m else ref, k))]
+
+
+def test_flips_move_each_crop_and_leave_the_masks(noise_dir):
+    plain = [batch_for_step(_cfg(noise_dir), s, process_index=0, process_count=1) for s in range(4)]
+    for flips, turns, ways in (("none", [0], 1), ("h", [0], 2), ("dihedral", range(4), 5)):
+        seen = set()
+        for s, p in enumerate(plain):
+            b = batch_for_step(_cfg(noise_dir, flips=flips), s, process_index=0, process_count=1)
+            np.testing.assert_array_equal(b["mask"], p["mask"])
+            for img, ref in zip(b["image"], p["image"]):
+                moves = _moves(img, ref, turns)
+                assert moves, f"flips={flips}: an image that is not its crop mirrored or turned as allowed"
+                seen.add(moves[0])
+        # 16 crops: "h" shows both sides, "dihedral" at least 5 of its 8 symmetries (all but certainly)
+        assert len(seen) == ways if ways < 5 else len(seen) >= ways, (flips, seen)
+    with pytest.raises(ValueError, match="flips"):
+        make_train_iterator(_cfg(noise_dir, flips="v"), process_index=0, process_count=1)
+
+
 def test_each_epoch_visits_every_file_once(solid_dir):
     cfg = _cfg(solid_dir, batch_size=8)
     ids = []

@@ -9,7 +9,8 @@ example g = s * batch_size + j lies in epoch g // N, a permutation of the N file
 come from `example_rng(seed, Stream..., s, j)`.
 
 Augmentation is a random square crop (side U(0.5, 1) of the short side) resized to image_size,
-by area when shrinking and bilinear when enlarging, as OpenCV's INTER_AREA does; no flip. Small
+by area when shrinking and bilinear when enlarging, as OpenCV's INTER_AREA does; no flip unless
+`data.flips` asks for one (not the authors': "h" a mirror, "dihedral" also rotations by 90 degrees). Small
 images are upsampled and still used. Odd modes (grey, palette, CMYK, alpha, 16-bit) are
 converted; a corrupt file is skipped with a warning and the example takes another, chosen by a
 seeded retry; a missing or empty source fails at start-up. `TrainIterator.stats` counts each.
@@ -142,6 +143,27 @@ def random_crop_resize(
     return out, upsampled
 
 
+FLIPS = ("none", "h", "dihedral")
+
+
+def random_flip(img: np.ndarray, rng: np.random.Generator, flips: str) -> np.ndarray:
+    """`img` mirrored left-right with probability 1/2 ("h"), or moved by one of the square's 8
+    symmetries ("dihedral": the mirror, then 0-3 quarter turns); "none" returns it as it is."""
+    if flips == "none":
+        return img
+    if rng.random() < 0.5:
+        img = img[:, ::-1]
+    if flips == "dihedral":
+        img = np.rot90(img, int(rng.integers(4)))
+    return np.ascontiguousarray(img)
+
+
+def check_flips(flips: str) -> str:
+    if flips not in FLIPS:
+        raise ValueError(f"config.data.flips must be one of {FLIPS}, got {flips!r}")
+    return flips
+
+
 # ---------------------------------------------------------------------------- iterator
 class TrainIterator:
     """Endless per-host batches; see the module docstring. Use as an iterator."""
@@ -155,6 +177,7 @@ class TrainIterator:
         image_size: int,
         mask_variant: str = "thick_256",
         all_ones_prob: float = 0.5,
+        flips: str = "none",
         start_step: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -173,6 +196,7 @@ class TrainIterator:
         self.seed, self.global_batch, self.image_size = int(seed), global_batch, image_size
         self.per_host = global_batch // process_count
         self.mask_variant, self.all_ones_prob = mask_variant, float(all_ones_prob)
+        self.flips = check_flips(flips)
         self.process_index, self.process_count = process_index, process_count
         self.step = int(start_step)  # step of the next batch returned
         self.stats = {"skipped": 0, "converted": 0, "upsampled": 0}
@@ -228,6 +252,7 @@ class TrainIterator:
         img, up = random_crop_resize(
             arr, example_rng(self.seed, Stream.CROP, step, j), self.image_size
         )
+        img = random_flip(img, example_rng(self.seed, Stream.FLIP, step, j), self.flips)
         if up:
             n = self._count("upsampled", name)
             if n is not None:
@@ -378,6 +403,7 @@ def make_train_iterator(
         image_size=int(config.image_size),
         mask_variant=str(_get(data, "mask", "thick_256")),
         all_ones_prob=float(_get(data, "all_ones_prob", 0.5)),
+        flips=str(_get(data, "flips", "none")),
         start_step=start_step,
         process_index=process_index,
         process_count=process_count,
