@@ -76,6 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
         "coordinator_address": "", "num_processes": 1, "process_id": 0, "cpu_collectives": "",
         "heartbeat_timeout_s": 100})  # a host silent this long counts as dead (a busy CPU can starve it)
     c.compilation_cache_dir = ""     # e.g. gs://bucket/jax_cache: restarts skip recompiling
+    # XLA options for compiling the train step and the sampler, e.g. {"xla_cpu_opt_preset":
+    # "CPU_OPT_PRESET_FAST_COMPILE"} (configs/local.py); {} = XLA's defaults
+    c.compiler_options = {}
     return c
 
 

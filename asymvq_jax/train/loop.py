@@ -105,8 +105,9 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
 
     # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
     # different times, and the first collective would not wait long for a late one
+    options = dict(config.get("compiler_options") or {})
     step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed).lower(
-        state, fixed, parallel.batch_spec(config, mesh)).compile()
+        state, fixed, parallel.batch_spec(config, mesh)).compile(compiler_options=options)
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
     evaluator = make_evaluator(config, graphdefs) if evaluate_now else None
     grid = held_out_batch(config, GRID_EXAMPLES)
@@ -114,7 +115,7 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
     sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
     sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=rep,
                         in_shardings=(shardings_of(sample_params), shardings_of(fixed), rep, rep)
-                        ).lower(sample_params, fixed, grid_images, grid_masks).compile()
+                        ).lower(sample_params, fixed, grid_images, grid_masks).compile(compiler_options=options)
     parallel.sync_hosts("compiled")
 
     # ---- loop
