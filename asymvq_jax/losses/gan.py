@@ -148,10 +148,3 @@ def generator_total_loss(nll: jax.Array, kl: jax.Array, g_loss: jax.Array,
     over groups, when g_loss and d_weight hold one value per group, is the authors' DDP average)."""
     return nll + kl_weight * kl + factor * jnp.mean(d_weight * g_loss)
 
-
-__all__ = [
-    "DISC_WEIGHT", "KL_WEIGHT", "DISC_START", "PERCEPTUAL_WEIGHT",
-    "hinge_d_loss", "generator_loss", "disc_factor",
-    "reconstruction_nll", "hole_border", "adaptive_weight_from_grads",
-    "generator_total_loss", "grouped_head_grads",
-]
