@@ -158,12 +158,6 @@ def random_flip(img: np.ndarray, rng: np.random.Generator, flips: str) -> np.nda
     return np.ascontiguousarray(img)
 
 
-def check_flips(flips: str) -> str:
-    if flips not in FLIPS:
-        raise ValueError(f"config.data.flips must be one of {FLIPS}, got {flips!r}")
-    return flips
-
-
 # ---------------------------------------------------------------------------- iterator
 class TrainIterator:
     """Endless per-host batches; see the module docstring. Use as an iterator."""
@@ -196,7 +190,9 @@ class TrainIterator:
         self.seed, self.global_batch, self.image_size = int(seed), global_batch, image_size
         self.per_host = global_batch // process_count
         self.mask_variant, self.all_ones_prob = mask_variant, float(all_ones_prob)
-        self.flips = check_flips(flips)
+        if flips not in FLIPS:
+            raise ValueError(f"config.data.flips must be one of {FLIPS}, got {flips!r}")
+        self.flips = flips
         self.process_index, self.process_count = process_index, process_count
         self.step = int(start_step)  # step of the next batch returned
         self.stats = {"skipped": 0, "converted": 0, "upsampled": 0}
