@@ -36,12 +36,12 @@ def ref():
     return torch_reference
 
 
-def inputs(batch, size, latent_channels=4, seed=0):
+def inputs(batch, size, latent_channels=4, seed=0, factor=8):
     rng = np.random.default_rng(seed)
     x = rng.uniform(-1, 1, (batch, size, size, 3)).astype(np.float32)
     mask = np.zeros((batch, size, size, 1), np.float32)
     mask[:, size // 4: 3 * size // 4, size // 8: size // 2] = 1.0
-    z = rng.normal(size=(batch, size // 8, size // 8, latent_channels)).astype(np.float32)
+    z = rng.normal(size=(batch, size // factor, size // factor, latent_channels)).astype(np.float32)
     return x, mask, z
 
 
@@ -55,7 +55,7 @@ def check_parity(ref, config, size, batch=2, masked=True):
     import torch
     theirs = ref.diffusers_vae(config)
     ours = ref.flax_from_torch(config, theirs)
-    x, mask, z = inputs(batch, size, config.latent_channels)
+    x, mask, z = inputs(batch, size, config.latent_channels, factor=2 ** (len(config.up_block_out_channels) - 1))
     with torch.no_grad():
         post = theirs.encode(ref.to_nchw(x)).latent_dist
         plain = theirs.decode(ref.to_nchw(z)).sample
@@ -76,6 +76,19 @@ def test_small_asymmetric_parity(ref):
 
 def test_small_plain_parity(ref):
     check_parity(ref, SMALL_SD, 32, masked=False)
+
+
+def test_three_level_asymmetric_parity(ref):
+    """An f4 decoder (the local default's): the stride-16 branch's coarsest feature goes unused."""
+    three = SMALL_ASYM.replace(down_block_out_channels=(32, 64, 64), up_block_out_channels=(32, 64, 64))
+    check_parity(ref, three, 32)
+
+
+@pytest.mark.parametrize("widths, words", [((32, 64, 64, 64, 64), "at most 4 levels"),
+                                           ((32, 32, 64, 64), r"\[64, 64, 64, 32, 32\].*\[64, 64, 64, 64, 32\]")])
+def test_asymmetric_widths_the_branch_cannot_blend_raise(widths, words):
+    with pytest.raises(ValueError, match=words):
+        SMALL_ASYM.replace(up_block_out_channels=widths)
 
 
 def test_sixteen_latent_channels_parity(ref):

@@ -1,8 +1,9 @@
 """The asymmetric decoder's conditional branch and the mask-guided blend.
 
 The branch encodes the masked image `(1 - m) * x` with five plain convs into features at
-H, H, H/2, H/4 and H/8. The blend replaces the known region (m = 0) of a decoder feature map
-with the branch feature of the same size, so the decoder only has to generate the hole.
+H, H, H/2, H/4 and H/8 (widths: `VAEConfig.branch_widths`). The blend replaces the known region
+(m = 0) of a decoder feature map with the branch feature of the same size, so the decoder only has
+to generate the hole.
 """
 
 from flax import nnx
@@ -10,16 +11,10 @@ from flax import nnx
 from asymvq_jax.models.blocks import LayerFactory
 
 
-def branch_widths(first: int, last: int) -> list[int]:
-    """Output widths of the five branch convs: doubling from `first`, capped at `last`."""
-    return [min(first * 2**k, last) for k in range(4)] + [last]
-
-
 class MaskConditionEncoder(nnx.Module):
     """Two 3x3 stride-1 convs, then three 4x4 stride-2 convs, ReLU between them."""
 
-    def __init__(self, in_channels: int, first: int, last: int, make: LayerFactory, rngs: nnx.Rngs):
-        widths = branch_widths(first, last)
+    def __init__(self, in_channels: int, widths: list[int], make: LayerFactory, rngs: nnx.Rngs):
         ins = [in_channels] + widths[:-1]
         self.layers = nnx.List([
             make.conv(cin, cout, 3, rngs) if k < 2 else make.conv(cin, cout, 4, rngs, stride=2, padding=1)

@@ -72,10 +72,27 @@ class VAEConfig:
                 "a finite number or null")
         for name in ("use_quant_conv", "use_post_quant_conv", "asymmetric"):
             _expect(name, getattr(self, name), isinstance(getattr(self, name), bool), "true or false")
-        if self.asymmetric and len(self.up_block_out_channels) != 4:
-            # The branch has a fixed stride of 16: features at H, H, H/2, H/4, H/8.
-            raise ConfigError(f"up_block_out_channels={list(self.up_block_out_channels)}: expected 4 levels for "
-                              "the asymmetric decoder")
+        if self.asymmetric:
+            self._check_blends()
+
+    def branch_widths(self) -> list[int]:
+        """Widths of the asymmetric branch's five convs, whose features are at H, H, H/2, H/4 and H/8:
+        doubling from the decoder's full-resolution width, capped at its lowest-resolution one."""
+        first, last = self.up_block_out_channels[0], self.up_block_out_channels[-1]
+        return [min(first * 2**k, last) for k in range(4)] + [last]
+
+    def _check_blends(self):
+        """The branch's stride is 16 at any depth (the authors' and diffusers'), so a decoder of up to 4
+        levels blends the finest of its features, one after the mid block and one per level; their
+        widths must be the decoder's there (diffusers looks them up by shape)."""
+        levels = self.up_block_out_channels[::-1]  # low -> high resolution
+        blended = [levels[0], *levels]
+        branch = self.branch_widths()[::-1][-len(blended):]
+        if len(blended) > 5 or branch != blended:
+            raise ConfigError(
+                f"up_block_out_channels={list(self.up_block_out_channels)}: the asymmetric decoder needs at most "
+                f"4 levels whose widths, low resolution first and the mid block's repeated ({blended}), are "
+                f"the branch's at those resolutions ({branch})")
 
     def unscale(self, z):
         """Latents as a diffusion model sees them -> as the encoder gives them."""

@@ -24,7 +24,7 @@ class Decoder(nnx.Module):
                     i < len(widths) - 1, make, rngs)
             for i in range(len(widths))])
         self.condition_encoder = (
-            MaskConditionEncoder(config.out_channels, widths[-1], widths[0], make, rngs)
+            MaskConditionEncoder(config.out_channels, config.branch_widths(), make, rngs)
             if config.asymmetric else None)
         self.conv_norm_out = make.group_norm(widths[-1], groups, rngs)
         self.conv_out = make.conv(widths[-1], config.out_channels, 3, rngs)
@@ -38,9 +38,10 @@ class Decoder(nnx.Module):
         return self.mid_block(self.conv_in(z), self.remat)
 
     def branch_features(self, image, mask):
-        """The masked image's branch features, from H/8 up to H: level k is blended in by the segment
-        whose `level` is k."""
-        return self.condition_encoder((1 - mask) * image)[::-1]
+        """The masked image's branch features, low resolution first: level k is blended in by the segment
+        whose `level` is k. A decoder of fewer than 4 levels leaves the coarsest unused, as diffusers'."""
+        features = self.condition_encoder((1 - mask) * image)[::-1]
+        return features[len(features) - len(self.up_blocks) - 1:]
 
     def up(self, h, image=None, mask=None):
         """The up levels from the mid block's output, with the blends, then the output norm and SiLU."""
