@@ -32,9 +32,11 @@ STEPS = {"autoencoder": 60, "asymmetric": 80}
 # e8b6045): plain whole 16.55 dB after stage 1, 15.36 after stage 2; guided known 20.94 against 15.52; in
 # the hole the guided decode 1.41 dB ahead (16.92 against 15.51). With the dihedral flips and XLA's
 # fast-compile preset (main at a0f27fc): plain whole 15.53 dB after stage 1, 15.00 after stage 2; guided
-# known 20.25 against 14.85; in the hole the guided decode 0.84 dB ahead (16.54 against 15.70). The hole
-# margin keeps 0.6 dB of that for other machines' arithmetic (the preset alone moved a full run's numbers
-# by up to 0.5 dB).
+# known 20.25 against 14.85; in the hole the guided decode 0.84 dB ahead (16.54 against 15.70). With three
+# levels (f4 latents) and border_weight 8 (main at b8c56d8 + that config): plain whole 18.19 dB after
+# stage 1, 18.09 after stage 2; guided known 23.93 against 18.14; in the hole the guided decode 0.53 dB
+# ahead (18.66 against 18.13). The hole margin keeps 0.28 dB of that for other machines' arithmetic (the
+# preset alone moved a full run's numbers by up to 0.5 dB).
 TRAINED_MARGIN_DB = 2.5
 GUIDED_MARGIN_DB = 1.5
 HOLE_MARGIN_DB = 0.25
