@@ -1,9 +1,10 @@
 """The local default: the field's two stages, small, on the photos that ship inside pinned wheels.
 
-1. `autoencoder`: an SD-style KL autoencoder (encoder and plain decoder; three levels, f4) trained whole, with
-   LDM's first-stage loss. No SD weights exist offline, so the encoder is made here.
+1. `autoencoder`: an SD-style KL autoencoder (encoder and plain decoder; three levels, so f4
+   latents) trained whole, with LDM's first-stage loss. No SD weights exist offline, so the encoder
+   is made here.
 2. `asymmetric`: that encoder frozen and an asymmetric decoder trained against it, initialised
-   from the stage-1 decoder (that part at 0.5x lr, the new branch at 1x).
+   from the stage-1 decoder (that part at 0.25x lr, the new branch at 1x).
 
 Workdirs runs/local/autoencoder and runs/local/asymmetric. Stage 2's steps hold LPIPS-VGG16, so batch 4 at 64 px.
 """
@@ -86,12 +87,12 @@ def get_config(arg=None):
     # left the guided decode behind it in the hole (19.50) and the known region lower (28.95 -> 28.59), the
     # mask outlines no fainter.
     asymmetric.data.all_ones_prob = 0.0
-    # The L1 term weighted up on the 2 px either side of the hole's border (loss.border_weight), where the blend
-    # switches from the branch's features to the decoder's and a dark rim showed. After 450 steps, held-out:
-    # guided hole 19.30 -> 19.48 dB, plain whole 18.03 -> 18.40, plain hole 18.53 -> 18.86, guided known
-    # 27.30 -> 27.17; the rim fainter in the grid (the coffee's box, the rocket's stroke), not gone.
-    # With it, 520 steps (in the ~70 s the 10 minutes left) did worse: plain whole 17.61 dB, guided hole
-    # 19.24, guided known 27.36.
+    # The L1 term weighted up on the 2 px either side of the hole's border (loss.border_weight: (1 + w)x),
+    # where the blend switches from the branch's features to the decoder's and a dark rim showed. At 4,
+    # after 450 steps, held-out: guided hole 19.30 -> 19.48 dB, plain whole 18.03 -> 18.40, plain hole
+    # 18.53 -> 18.86, guided known 27.30 -> 27.17; the rim fainter in the grid (the coffee's box, the
+    # rocket's stroke), not gone. With it, 520 steps (in the ~70 s the 10 minutes left) did worse: plain
+    # whole 17.61 dB, guided hole 19.24, guided known 27.36.
     # At f4, border_weight 8 (the term 9x there) rather than 4 (5x) put the guided decode ahead of the plain
     # one in the hole (21.49 against 20.73 dB; at 4, 21.60 against 21.67), plain whole 21.08 -> 20.43,
     # guided known 29.06 -> 29.07. Tried at f4 and not taken: 8 over 4 px (guided hole 21.46, known 28.59),
