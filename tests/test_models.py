@@ -55,7 +55,7 @@ def check_parity(ref, config, size, batch=2, masked=True):
     import torch
     theirs = ref.diffusers_vae(config)
     ours = ref.flax_from_torch(config, theirs)
-    x, mask, z = inputs(batch, size, config.latent_channels, factor=2 ** (len(config.up_block_out_channels) - 1))
+    x, mask, z = inputs(batch, size, config.latent_channels, factor=ours.downscale)
     with torch.no_grad():
         post = theirs.encode(ref.to_nchw(x)).latent_dist
         plain = theirs.decode(ref.to_nchw(z)).sample

@@ -86,13 +86,12 @@ class VAEConfig:
         levels blends the finest of its features, one after the mid block and one per level; their
         widths must be the decoder's there (diffusers looks them up by shape)."""
         levels = self.up_block_out_channels[::-1]  # low -> high resolution
-        blended = [levels[0], *levels]
-        branch = self.branch_widths()[::-1][-len(blended):]
-        if len(blended) > 5 or branch != blended:
+        blended, branch = [levels[0], *levels], self.branch_widths()[::-1]
+        if len(blended) > len(branch) or branch[-len(blended):] != blended:
             raise ConfigError(
                 f"up_block_out_channels={list(self.up_block_out_channels)}: the asymmetric decoder needs at most "
                 f"4 levels whose widths, low resolution first and the mid block's repeated ({blended}), are "
-                f"the branch's at those resolutions ({branch})")
+                f"the branch's at those resolutions ({branch[-len(blended):]})")
 
     def unscale(self, z):
         """Latents as a diffusion model sees them -> as the encoder gives them."""
