@@ -125,6 +125,30 @@ def test_flips_move_each_crop_and_leave_the_masks(noise_dir):
         make_train_iterator(_cfg(noise_dir, flips="v"), process_index=0, process_count=1)
 
 
+def test_colour_gain_scales_each_channel_of_each_crop_within_its_range(noise_dir):
+    gain, gains = 0.5, []
+    for s in range(3):
+        ref = batch_for_step(_cfg(noise_dir), s, process_index=0, process_count=1)
+        b = batch_for_step(_cfg(noise_dir, colour_gain=gain), s, process_index=0, process_count=1)
+        np.testing.assert_array_equal(b["mask"], ref["mask"])
+        for img, r in zip(b["image"], ref["image"]):
+            for c in range(3):
+                x, y = r[..., c] + 1.0, img[..., c] + 1.0   # brightness on [0, 2]
+                ok = (x > 0.2) & (y < 1.99)                    # neither dark nor clipped
+                g = y[ok] / x[ok]
+                # One gain per channel of each crop, clipped only at the top
+                np.testing.assert_allclose(g, np.median(g), rtol=1e-4)
+                np.testing.assert_allclose(y, np.minimum(x * np.median(g), 2.0), atol=1e-5)
+                gains.append(float(np.median(g)))
+    gains = np.array(gains)
+    assert gains.min() >= 1 - gain - 1e-4 and gains.max() <= 1 + gain + 1e-4, gains
+    # 36 draws from U(0.5, 1.5) span most of the range
+    assert gains.min() < 0.7 and gains.max() > 1.3, gains
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="colour_gain"):
+            make_train_iterator(_cfg(noise_dir, colour_gain=bad), process_index=0, process_count=1)
+
+
 def test_each_epoch_visits_every_file_once(solid_dir):
     cfg = _cfg(solid_dir, batch_size=8)
     ids = []

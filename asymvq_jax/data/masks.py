@@ -76,7 +76,7 @@ def _params(variant: str | MaskParams) -> MaskParams:
 class Stream(enum.IntEnum):
     """The input's random streams: each draws from `example_rng(seed, tag, ...)` with its own tag,
     so no two draw the same numbers."""
-    PERM, CROP, MASK, RETRY, HELD_OUT_CROP, HELD_OUT_MASK, FLIP = 1, 2, 3, 4, 5, 6, 7
+    PERM, CROP, MASK, RETRY, HELD_OUT_CROP, HELD_OUT_MASK, AUGMENT = 1, 2, 3, 4, 5, 6, 7
     EVAL_MASK = 11
     TFDS_EPOCH = 101
 

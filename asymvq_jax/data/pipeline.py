@@ -10,7 +10,8 @@ come from `example_rng(seed, Stream..., s, j)`.
 
 Augmentation is a random square crop (side U(0.5, 1) of the short side) resized to image_size,
 by area when shrinking and bilinear when enlarging, as OpenCV's INTER_AREA does; no flip unless
-`data.flips` asks for one (not the authors': "h" a mirror, "dihedral" also rotations by 90 degrees). Small
+`data.flips` asks for one (not the authors': "h" a mirror, "dihedral" also rotations by 90 degrees), and
+no colour change unless `data.colour_gain` asks for one (not the authors' either). Small
 images are upsampled and still used. Odd modes (grey, palette, CMYK, alpha, 16-bit) are
 converted; a corrupt file is skipped with a warning and the example takes another, chosen by a
 seeded retry; a missing or empty source fails at start-up. `TrainIterator.stats` counts each.
@@ -158,6 +159,16 @@ def random_flip(img: np.ndarray, rng: np.random.Generator, flips: str) -> np.nda
     return np.ascontiguousarray(img)
 
 
+def random_colour_gain(img: np.ndarray, rng: np.random.Generator, gain: float) -> np.ndarray:
+    """`img` ([-1, 1]) with each RGB channel's brightness, on the [0, 1] scale, times its own
+    U(1 - gain, 1 + gain), clipped back to [-1, 1]; gain 0 returns it as it is. Few training
+    photos hold few colours: the gains show the decoder more of them."""
+    if gain == 0.0:
+        return img
+    g = rng.uniform(1.0 - gain, 1.0 + gain, size=3).astype(np.float32)
+    return np.clip((img + 1.0) * g - 1.0, -1.0, 1.0)
+
+
 # ---------------------------------------------------------------------------- iterator
 class TrainIterator:
     """Endless per-host batches; see the module docstring. Use as an iterator."""
@@ -172,6 +183,7 @@ class TrainIterator:
         mask_variant: str = "thick_256",
         all_ones_prob: float = 0.5,
         flips: str = "none",
+        colour_gain: float = 0.0,
         start_step: int = 0,
         process_index: int = 0,
         process_count: int = 1,
@@ -193,6 +205,9 @@ class TrainIterator:
         if flips not in FLIPS:
             raise ValueError(f"config.data.flips must be one of {FLIPS}, got {flips!r}")
         self.flips = flips
+        if not 0.0 <= colour_gain < 1.0:
+            raise ValueError(f"config.data.colour_gain must be in [0, 1), got {colour_gain}")
+        self.colour_gain = float(colour_gain)
         self.process_index, self.process_count = process_index, process_count
         self.step = int(start_step)  # step of the next batch returned
         self.stats = {"skipped": 0, "converted": 0, "upsampled": 0}
@@ -248,7 +263,8 @@ class TrainIterator:
         img, up = random_crop_resize(
             arr, example_rng(self.seed, Stream.CROP, step, j), self.image_size
         )
-        img = random_flip(img, example_rng(self.seed, Stream.FLIP, step, j), self.flips)
+        augment = example_rng(self.seed, Stream.AUGMENT, step, j)
+        img = random_colour_gain(random_flip(img, augment, self.flips), augment, self.colour_gain)
         if up:
             n = self._count("upsampled", name)
             if n is not None:
@@ -400,6 +416,7 @@ def make_train_iterator(
         mask_variant=str(_get(data, "mask", "thick_256")),
         all_ones_prob=float(_get(data, "all_ones_prob", 0.5)),
         flips=str(_get(data, "flips", "none")),
+        colour_gain=float(_get(data, "colour_gain", 0.0)),
         start_step=start_step,
         process_index=process_index,
         process_count=process_count,

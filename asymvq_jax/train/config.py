@@ -56,6 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
         "source": "tfds", "name": "imagenet2012", "split": "train", "data_dir": None, "path": "",
         "mask": "thick_256", "all_ones_prob": 0.5,
         "flips": "none",      # none|h|dihedral: random flips after the crop (not the authors': see pipeline)
+        "colour_gain": 0.0,   # each RGB channel x U(1 -/+ colour_gain) after the flips (not the authors')
         "num_images": 0})   # images in the training split, for the horizon; 0 = counted from the source
 
     # Every eval_every steps (0 = never): the eval metrics on a fixed split, TFDS `split` or the images of
