@@ -98,8 +98,10 @@ def test_two_processes_agree_with_one(together):
     for step in (1, 2, 3):
         # Step 1 agrees to float rounding. After it, the attention key bias (an exactly zero
         # gradient) has taken a +-lr Adam step on the sign of its rounding noise, which differs
-        # with the summation order and moves later losses by up to ~1e-4 relative (seen).
-        rel = 1e-6 if step == 1 else 1e-3
+        # with the summation order and moves later losses: up to ~1e-4 relative on a CPU with AVX-512,
+        # 1.3e-3 (step 2's g_loss, the discriminator's mean output) on one with AVX2 only. Another split
+        # of the batch between hosts would move g_loss by far more than 5e-3.
+        rel = 1e-6 if step == 1 else 5e-3
         for term in ("loss", "nll", "d_loss", "g_loss", "d_weight", "known_mse"):
             assert got[step][term] == pytest.approx(want[step][term], rel=rel, abs=1e-7), (step, term)
     assert "2 hosts" in open(os.path.join(pair, "log_0.txt")).read()
