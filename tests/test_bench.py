@@ -92,6 +92,7 @@ def test_authors_torch_step_computes_what_ours_does(assets):
     import numpy as np
 
     from asymvq_jax.convert import flax_params_to_diffusers
+    from asymvq_jax.train.loop import compiler_options
     from asymvq_jax.train.state import build
     from asymvq_jax.train.step import make_decoder_grads, make_train_step
     from tests.tiny_config import get_config
@@ -102,8 +103,9 @@ def test_authors_torch_step_computes_what_ours_does(assets):
     graphdefs, state, fixed, tx, disc_tx = build(config)
     x, mask, _ = bench.inputs(config.batch_size, config.image_size)
     batch = {"image": x, "mask": mask}
-    grads, _, _ = jax.jit(make_decoder_grads(config, graphdefs))(state, fixed, batch)
-    _, ours = jax.jit(make_train_step(config, graphdefs, tx, disc_tx))(state, fixed, batch)
+    fast = compiler_options(config)
+    grads, _, _ = jax.jit(make_decoder_grads(config, graphdefs), compiler_options=fast)(state, fixed, batch)
+    _, ours = jax.jit(make_train_step(config, graphdefs, tx, disc_tx), compiler_options=fast)(state, fixed, batch)
 
     vae, perceptual, disc = bench.torch_models(config, graphdefs, state, fixed)
     step = bench.authors_train_step(config, vae, perceptual, disc)

@@ -297,32 +297,36 @@ def test_config_mistakes_are_one_line_before_anything_is_built(tmp_path):
     assert not os.path.exists(tmp_path / "w")
 
 
-def test_discriminator_waits_untouched_until_disc_start(assets):
+@pytest.mark.slow  # trains, or compiles a train step
+def test_discriminator_waits_untouched_until_disc_start(assets, uninterrupted):
     """Before disc_start the authors' discriminator lr is 0: its parameters, statistics and Adam state
-    (count included) are bit-identical; from disc_start its optimizer counts steps from 0."""
+    (count included) are bit-identical; from disc_start its optimizer counts steps from 0. The config is
+    `uninterrupted`'s, so its step is the one that run compiled (the compilation cache has it)."""
     from asymvq_jax import parallel
     from asymvq_jax.train.loop import jit_step
 
-    c = config(assets, **{"loss.disc_start": 2, "loss.perceptual_weight": 0.0})
+    c = config(assets)
+    start = c.loss.disc_start
     mesh = parallel.make_mesh(c.mesh)
     graphdefs, state, fixed, tx, disc_tx = build(c, mesh)
     step = jit_step(c, mesh, graphdefs, tx, disc_tx, state, fixed)
     before = jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]})
     seen = []
-    for n in range(4):
+    for n in range(start + 2):
         state, _ = step(state, fixed, parallel.global_batch(batch_for_step(c, n, process_index=0, process_count=1),
                                                              mesh))
         seen.append(jax.device_get({"disc": state["disc"], "disc_opt": state["disc_opt"]}))
-    for n in (0, 1):
+    for n in range(start):
         jax.tree.map(np.testing.assert_array_equal, seen[n], before)
     counts = [int(jax.tree.leaves(s["disc_opt"])[0]) for s in seen]
-    assert counts == [0, 0, 1, 2]
+    assert counts == [0] * start + [1, 2]
     # The first update (count 0) has lr 0: the parameters stay, the Adam moments move.
-    jax.tree.map(np.testing.assert_array_equal, seen[2]["disc"]["params"], before["disc"]["params"])
-    assert not np.array_equal(jax.tree.leaves(seen[2]["disc_opt"])[1], jax.tree.leaves(before["disc_opt"])[1])
+    jax.tree.map(np.testing.assert_array_equal, seen[start]["disc"]["params"], before["disc"]["params"])
+    assert not np.array_equal(jax.tree.leaves(seen[start]["disc_opt"])[1], jax.tree.leaves(before["disc_opt"])[1])
     # From count 1 the kernels move (a bias may not: the hinge's gradient cancels exactly while every
     # logit is inside (-1, 1)).
-    for conv, was in zip(seen[3]["disc"]["params"]["convs"].values(), before["disc"]["params"]["convs"].values()):
+    for conv, was in zip(seen[start + 1]["disc"]["params"]["convs"].values(),
+                         before["disc"]["params"]["convs"].values()):
         assert not np.array_equal(conv["kernel"], was["kernel"])
 
 

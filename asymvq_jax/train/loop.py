@@ -105,17 +105,16 @@ def _train(config, workdir, cleanup) -> dict[str, float]:
 
     # ---- the jitted step and sampler, compiled before the first step: hosts finish compiling at
     # different times, and the first collective would not wait long for a late one
-    options = dict(config.get("compiler_options") or {})
     step_fn = jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed).lower(
-        state, fixed, parallel.batch_spec(config, mesh)).compile(compiler_options=options)
+        state, fixed, parallel.batch_spec(config, mesh)).compile()
     evaluate_now = config.get("eval_every") and config.eval_every <= config.total_steps
     evaluator = make_evaluator(config, graphdefs) if evaluate_now else None
     grid = held_out_batch(config, GRID_EXAMPLES)
     grid_images, grid_masks = grid["image"], grid["mask"]
     sample_params, rep = state.get("ema", state["params"]), parallel.replicated(mesh)
-    sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=rep,
+    sample_fn = jax.jit(make_sample_fn(graphdefs), out_shardings=rep, compiler_options=compiler_options(config),
                         in_shardings=(shardings_of(sample_params), shardings_of(fixed), rep, rep)
-                        ).lower(sample_params, fixed, grid_images, grid_masks).compile(compiler_options=options)
+                        ).lower(sample_params, fixed, grid_images, grid_masks).compile()
     parallel.sync_hosts("compiled")
 
     # ---- loop
@@ -179,13 +178,18 @@ def shardings_of(tree):
     return jax.tree.map(lambda x: x.sharding, tree)
 
 
+def compiler_options(config) -> dict:
+    return dict(config.get("compiler_options") or {})
+
+
 def jit_step(config, mesh, graphdefs, tx, disc_tx, state, fixed):
     """The train step over `mesh`: the state keeps its shardings (and is donated: it is replaced
     every step), the batch is split over every device, the metrics come back replicated."""
     state_shardings = shardings_of(state)
     return jax.jit(make_train_step(config, graphdefs, tx, disc_tx),
                    in_shardings=(state_shardings, shardings_of(fixed), parallel.batch_sharding(mesh)),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0,
+                   compiler_options=compiler_options(config))
 
 
 def write_samples(workdir, step, sample_fn, state, fixed, images, masks) -> dict[str, float]:
