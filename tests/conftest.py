@@ -20,11 +20,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
 
 
-
 def _own_cores() -> None:
     """Gives each xdist worker its own share of the cores, before jax starts (XLA sizes its thread pools
     from them; processes the worker starts inherit them). Unpinned, both workers' XLA thread pools spread
-    over both cores of a 2-core machine and spin waiting for each other."""
+    over both cores of a 2-core machine and spin waiting for each other: test_train and test_stages
+    together took 354 s (629 CPU s) unpinned, 305 s (553 CPU s) pinned, on one machine."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if worker and count > 1 and len(cores) >= count:

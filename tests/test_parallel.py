@@ -54,12 +54,13 @@ def test_gan_groups_of_2_on_8_devices_equal_1_device_and_the_authors_ddp_arithme
         if key.endswith("to_k.bias"):  # zero in exact arithmetic (softmax ignores it): rounding noise alone
             assert max(np.abs(g[key]).max() for g in (one, eight, authors)) < 1e-6 * largest, key
             continue
-        # Within float32 summation order of each array's largest element. Measured between meshes: 1.3e-5
-        # (a CPU with AVX-512), 5.5e-6 (AVX2 only). Against the DDP arithmetic, whose four groups sum in
-        # another order and scale the GAN term by weights near 900: 7e-6 (AVX-512), up to 2.5e-4 (AVX2
-        # only, median 9e-5). A wrong grouping would be off by the groups' spread of weights (up to 40%).
+        # Within float32 summation order of each array's largest element. The GAN term is scaled by weights
+        # near 900, so rounding in its sums shows up large. Largest seen: one device against 8 devices
+        # and against the DDP arithmetic 2.5e-4 (a Xeon with AVX-512 IFMA, and an AVX2-only CPU); 8
+        # devices against the DDP arithmetic 7e-6. A wrong grouping would be off by the groups' spread of
+        # weights (up to 40%), 400 times the bound.
         scale = float(np.abs(authors[key]).max())
-        np.testing.assert_allclose(eight[key], one[key], rtol=0, atol=5e-5 * scale, err_msg=key)
+        np.testing.assert_allclose(eight[key], one[key], rtol=0, atol=1e-3 * scale, err_msg=key)
         np.testing.assert_allclose(one[key], authors[key], rtol=0, atol=1e-3 * scale, err_msg=key)
 
 
