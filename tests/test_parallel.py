@@ -65,7 +65,7 @@ def test_gan_groups_of_2_on_8_devices_equal_1_device_and_the_authors_ddp_arithme
 
 
 @pytest.mark.pod
-@pytest.mark.parametrize("mesh", ["8x1", "4x2", "2x4"])
+@pytest.mark.parametrize("mesh", ["8x1", "2x4"])
 def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
     out, report = stepped
     want, got = report["1"]["metrics"], report[mesh]["metrics"]
@@ -88,8 +88,8 @@ def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
 
 
 @pytest.mark.pod
-@pytest.mark.parametrize("mesh, fsdp", [("4x2", 2), ("2x4", 4)])
-def test_fsdp_splits_parameters_and_optimizer_state_and_the_batch(stepped, mesh, fsdp):
+def test_fsdp_splits_parameters_and_optimizer_state_and_the_batch(stepped):
+    mesh, fsdp = "2x4", 4
     _, report = stepped
     held = report[mesh]["held"]  # path -> (bytes of the array, bytes on device 0, partition spec)
     sharded = {k: v for k, v in held.items() if "fsdp" in v[2]}
@@ -123,28 +123,26 @@ def test_runlocal_trains_on_a_sharded_mesh_and_writes_a_checkpoint(runlocal):
 
 
 @pytest.mark.pod
-def test_checkpoint_from_8_devices_restores_onto_2_and_4(runlocal, tmp_path):
+def test_checkpoint_from_8_devices_restores_onto_2_whole(runlocal, tmp_path):
+    """Step 1 of the run on 8 devices, each parameter split in 2 (fsdp 2), resumes on 2 devices that
+    hold every parameter whole (fsdp 1): another device count and another split at once."""
     source, _ = runlocal
     want = logged(source)[2]
-    runs = {}
-    for devices, fsdp in ((2, 1), (4, 2)):
-        workdir = str(tmp_path / f"on{devices}")
-        shutil.copytree(source, workdir)
-        for step in (2, 3):
-            shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
-        os.remove(os.path.join(workdir, "metrics.jsonl"))
-        log = workdir + ".log"
-        runs[devices] = workdir, log, multidevice.start(
-            ["train.py", "--config", "configs/tpu_v4.py:runlocal", "--workdir", workdir,
-             "--config.total_steps=2", f"--config.mesh.fsdp={fsdp}"], devices, log)
-    for devices, (workdir, log, proc) in runs.items():
-        text = multidevice.finish(proc, log)
-        assert "resumed" in text and f"fsdp={2 if devices == 4 else 1}" in text
-        got = logged(workdir)
-        assert sorted(got) == [2]
-        for term in ("loss", "nll", "known_mse"):
-            # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes
-            assert got[2][term] == pytest.approx(want[term], rel=3e-3), (devices, term)
+    workdir = str(tmp_path / "on2")
+    shutil.copytree(source, workdir)
+    for step in (2, 3):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", str(step)))
+    os.remove(os.path.join(workdir, "metrics.jsonl"))
+    log = workdir + ".log"
+    text = multidevice.finish(multidevice.start(
+        ["train.py", "--config", "configs/tpu_v4.py:runlocal", "--workdir", workdir, "--config.total_steps=2",
+         "--config.mesh.fsdp=1"], 2, log), log)
+    assert "resumed" in text and "fsdp=1" in text
+    got = logged(workdir)
+    assert sorted(got) == [2]
+    for term in ("loss", "nll", "known_mse"):
+        # bfloat16 compute (runlocal keeps tpu_v4's dtypes): summation order differs between meshes
+        assert got[2][term] == pytest.approx(want[term], rel=3e-3), term
 
 
 def test_mesh_sizes_and_the_sharding_rule():
