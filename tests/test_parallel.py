@@ -89,7 +89,8 @@ def test_one_step_on_8_devices_matches_one_device(stepped, mesh):
 
 @pytest.mark.pod
 def test_fsdp_splits_parameters_and_optimizer_state_and_the_batch(stepped):
-    mesh, fsdp = "2x4", 4
+    mesh = "2x4"
+    fsdp = multidevice.MESHES[mesh][1]["fsdp"]
     _, report = stepped
     held = report[mesh]["held"]  # path -> (bytes of the array, bytes on device 0, partition spec)
     sharded = {k: v for k, v in held.items() if "fsdp" in v[2]}
