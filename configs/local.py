@@ -122,6 +122,16 @@ def get_config(arg=None):
     # guided known 27.17 -> 27.82 dB, guided hole 19.48 -> 19.40, plain whole 18.40 -> 17.94 (stage 1 of
     # main at 106da49); from stage 1 at lr 5e-4: guided known 28.94, guided hole 19.53 against plain 18.43,
     # plain whole 17.96. The plain decode's loss is the price of the known region's 28 dB.
+    # The branch's features held near the decoder's own where they replace them (loss.branch_gap_weight;
+    # gan.branch_gap, not the authors'): after 450 steps without it, the branch's features stood a
+    # decoder-feature's spread or more from the decoder's at every blend (relative squared gap 1.1 to 2.1,
+    # per-channel means apart by 1 to 4 of its spread), and the guided decode fell behind the plain one in
+    # the hole. From one stage 1 (a 2-core Xeon with AVX-512, main at 3d84447), held-out plain whole /
+    # plain hole / guided hole / guided known: weight 0 21.95 / 23.04 / 22.97 / 30.77 dB; 1000 21.76 /
+    # 22.66 / 23.28 / 30.84; 2000 21.53 / 22.58 / 23.14 / 30.98; 5000 20.52 / 21.15 / 22.93 / 30.86; 1000
+    # with the gradient reaching the decoder's side too 21.82 / 22.58 / 23.22 / 30.56. The coffee's box
+    # took the saucer's red rather than a lighter one; the thin rims along the holes' borders stayed.
+    asymmetric.loss.branch_gap_weight = 1000.0
     asymmetric.init_from = "autoencoder"  # the stage above: its encoder, frozen, and its decoder
     return ml_collections.ConfigDict({"stages": ("autoencoder", "asymmetric"),
                                       "autoencoder": autoencoder, "asymmetric": asymmetric})

@@ -184,3 +184,35 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert out.dtype == jnp.bfloat16
     err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref)))
     assert 0 < err < 0.1 * float(jnp.max(jnp.abs(ref))), err
+
+
+def test_blend_gaps_leave_the_decode_unchanged_and_train_only_the_branch():
+    """`Decoder.up`'s gaps: the decoder's features and the branch feature at every blend, the output the
+    same; gan.branch_gap, the loss on them, is zero where the two agree and its gradient reaches the
+    branch's parameters alone."""
+    from asymvq_jax import checkpoint
+    from asymvq_jax.losses.gan import branch_gap
+    vae = AutoencoderKL(SMALL_ASYM, rngs=nnx.Rngs(0))
+    x, mask, z = (jnp.asarray(a) for a in inputs(2, 32))
+    graphdef, params = nnx.split(vae, nnx.Param)
+
+    def features(p, gap_weight):
+        model, gaps = nnx.merge(graphdef, p), []
+        h = model.decoder_features(z, x, mask, gaps)
+        return jnp.mean(jnp.square(h)) + gap_weight * branch_gap(gaps, mask), (h, gaps)
+
+    grad_fn = jax.jit(jax.value_and_grad(features, has_aux=True))
+    (_, (h, gaps)), grads = grad_fn(params, 0.0)
+    np.testing.assert_allclose(h, vae.decoder_features(z, x, mask), atol=TOL)  # jit against eager
+    branch = vae.decoder.branch_features(x, mask)
+    assert len(gaps) == len(branch) == len(vae.decoder.up_blocks) + 1
+    for (own, cond), want in zip(gaps, branch):
+        assert own.shape == cond.shape and float(jnp.abs(own - cond).max()) > 0.1
+        np.testing.assert_allclose(cond, want, atol=TOL)
+    # The gap counts the known region only: the branch's side copied there from the decoder's closes it.
+    closed = [(own, jnp.where(downsample_mask(mask, own.shape[1]) > 0, own + 1.0, own)) for own, _ in gaps]
+    assert float(branch_gap(gaps, mask)) > 0.1 and float(branch_gap(closed, mask)) == 0.0
+
+    without, with_gap = (checkpoint.flatten(nnx.to_pure_dict(g)) for g in (grads, grad_fn(params, 10.0)[1]))
+    moved = {k for k in without if not np.array_equal(without[k], with_gap[k])}
+    assert moved and all(k.startswith("decoder.condition_encoder.") for k in moved), sorted(moved)

@@ -24,6 +24,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from asymvq_jax.models.condition import downsample_mask
+
 DISC_WEIGHT = 0.8
 KL_WEIGHT = 1e-6
 DISC_START = 50001
@@ -84,6 +86,23 @@ def hole_border(mask: jax.Array, width: int) -> jax.Array:
     dilated = jax.lax.reduce_window(mask, -jnp.inf, jax.lax.max, window, (1, 1, 1, 1), pad)
     eroded = jax.lax.reduce_window(mask, jnp.inf, jax.lax.min, window, (1, 1, 1, 1), pad)
     return dilated - eroded
+
+
+def branch_gap(gaps: list[tuple[jax.Array, jax.Array]], mask: jax.Array) -> jax.Array:
+    """Not the authors': how far the branch's features stand from the decoder's own where they replace
+    them (the known region), at each blend (`Decoder.up`'s gaps): their mean squared difference over the
+    variance of the decoder's features, averaged over the blends. No gradient reaches the decoder's side.
+
+    The decoder's GroupNorms take their statistics over the whole feature map, the known region's branch
+    features included, and its convs reach across the hole's border: features far from the decoder's
+    own move the hole's colours and draw the mask's outline."""
+    gaps_rel = []
+    for own, branch in gaps:
+        own = jax.lax.stop_gradient(own.astype(jnp.float32))
+        known = 1.0 - downsample_mask(mask, own.shape[1]).astype(jnp.float32)
+        squared = jnp.sum(known * jnp.square(branch.astype(jnp.float32) - own))
+        gaps_rel.append(squared / (jnp.sum(known) * own.shape[-1] + 1.0) / (jnp.var(own) + 1e-6))
+    return jnp.mean(jnp.stack(gaps_rel))
 
 
 # -------------------------------------------------------------------- adaptive weight

@@ -69,10 +69,10 @@ class AutoencoderKL(nnx.Module):
         image, mask = self._check_condition(z, image, mask)
         return self.decoder(self.post_quant(z), image, mask)
 
-    def decoder_features(self, z, image=None, mask=None):
-        """The decoder up to (not including) conv_out; see `Decoder.features`."""
+    def decoder_features(self, z, image=None, mask=None, gaps=None):
+        """The decoder up to (not including) conv_out; see `Decoder.features` and `Decoder.up`'s gaps."""
         image, mask = self._check_condition(z, image, mask)
-        return self.decoder.features(self.post_quant(z), image, mask)
+        return self.decoder.features(self.post_quant(z), image, mask, gaps)
 
     def post_quant(self, z):
         return z if self.post_quant_conv is None else self.post_quant_conv(z)

@@ -29,9 +29,9 @@ class Decoder(nnx.Module):
         self.conv_norm_out = make.group_norm(widths[-1], groups, rngs)
         self.conv_out = make.conv(widths[-1], config.out_channels, 3, rngs)
 
-    def features(self, z, image=None, mask=None):
+    def features(self, z, image=None, mask=None, gaps=None):
         """Everything before conv_out: the adaptive GAN weight differentiates through conv_out alone."""
-        return self.up(self.mid(z), image, mask)
+        return self.up(self.mid(z), image, mask, gaps)
 
     def mid(self, z):
         """conv_in and the mid block, at latent resolution (the one global attention)."""
@@ -43,11 +43,18 @@ class Decoder(nnx.Module):
         features = self.condition_encoder((1 - mask) * image)[::-1]
         return features[len(features) - len(self.up_blocks) - 1:]
 
-    def up(self, h, image=None, mask=None):
-        """The up levels from the mid block's output, with the blends, then the output norm and SiLU."""
+    def up(self, h, image=None, mask=None, gaps=None):
+        """The up levels from the mid block's output, with the blends, then the output norm and SiLU.
+        A list `gaps` receives, at each blend, the decoder's own features there and the branch feature
+        that replaces them in the known region (for a training loss on their difference)."""
         conds = None if image is None else self.branch_features(image, mask)
         for segment in self.segments():
-            h = segment(h, conds, mask, remat=self.remat)
+            if gaps is not None and conds is not None and segment.level is not None:
+                own = segment(h, None, mask, remat=self.remat)  # the same segment, blending nothing
+                gaps.append((own, conds[segment.level]))
+                h = blend(own, conds[segment.level], mask)
+            else:
+                h = segment(h, conds, mask, remat=self.remat)
         return h
 
     def segments(self) -> list["Segment"]:

@@ -49,7 +49,10 @@ def default_config() -> ml_collections.ConfigDict:
         # each of the authors' 8 GPUs takes them from its own images (0 = the whole global batch).
         "gan_group_size": 0,
         # Not the authors': the L1 term weighted (1 + border_weight) x within border_width pixels of the hole's border.
-        "border_weight": 0.0, "border_width": 2})
+        "border_weight": 0.0, "border_width": 2,
+        # Not the authors': gan.branch_gap (the branch's features against the decoder's own, in the known
+        # region) times this, added to the loss; 0 = off.
+        "branch_gap_weight": 0.0})
     c.disc = ml_collections.ConfigDict({"ndf": 64, "n_layers": 3})
 
     c.data = ml_collections.ConfigDict({

@@ -140,7 +140,8 @@ class Progress:
             self.bar = tqdm(initial=start, total=total, unit="step", dynamic_ncols=True)
 
     def update(self, step: int, scalars: dict[str, float]) -> None:
-        shown = {k: scalars[k] for k in ("loss", "nll", "d_loss", "known_mse", "img/s") if k in scalars}
+        shown = {k: scalars[k] for k in ("loss", "nll", "d_loss", "known_mse", "branch_gap", "img/s")
+                 if k in scalars}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)

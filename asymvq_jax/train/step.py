@@ -48,6 +48,7 @@ def make_decoder_grads(config, graphdefs):
     use_lpips = loss_cfg.perceptual_weight != 0
     use_gan = loss_cfg.disc_factor != 0
     border_weight, border_width = loss_cfg.get("border_weight", 0.0), loss_cfg.get("border_width", 2)
+    gap_weight = loss_cfg.get("branch_gap_weight", 0.0)
 
     def decoder_grads(state, fixed, batch):
         step, x, mask = state["step"], batch["image"], batch["mask"]
@@ -61,7 +62,10 @@ def make_decoder_grads(config, graphdefs):
             vae = merge_vae(graphdefs["vae"], params, fixed["frozen"])
             post = vae.encode(x)
             image, hole = (x, mask) if vae.config.asymmetric else (None, None)
-            return vae.decoder_features(post.sample(key), image, hole), jnp.mean(post.kl())
+            gaps = [] if gap_weight and vae.config.asymmetric else None
+            h = vae.decoder_features(post.sample(key), image, hole, gaps)
+            gap = gan.branch_gap(gaps, mask) if gaps else jnp.zeros((), jnp.float32)
+            return h, jnp.mean(post.kl()), gap
 
         def conv_out(h, conv_params):  # the decoder's own conv_out, in the compute dtype, as decode runs it
             tree = {**params, "decoder": {**params["decoder"], "conv_out": conv_params}}
@@ -79,15 +83,18 @@ def make_decoder_grads(config, graphdefs):
             logits = apply_disc(graphdefs["disc"], d_params, d_stats, x_rec, group)[0]
             return jax.vmap(gan.generator_loss)(logits.reshape((groups, group) + logits.shape[1:]))
 
-        (h, kl), body_vjp = jax.vjp(body, params)
+        (h, kl, gap), body_vjp = jax.vjp(body, params)
         x_rec, nll_value, g, d_weight, d_h, d_conv_out = gan.grouped_head_grads(
             conv_out, h, params["decoder"]["conv_out"], nll, group_g if use_gan else None, factor, group,
             loss_cfg.disc_weight)
-        grads = body_vjp((d_h, jnp.asarray(loss_cfg.kl_weight, kl.dtype)))[0]
+        grads = body_vjp((d_h, jnp.asarray(loss_cfg.kl_weight, kl.dtype), jnp.asarray(gap_weight, gap.dtype)))[0]
         grads["decoder"]["conv_out"] = d_conv_out
         terms = {"loss": gan.generator_total_loss(nll_value, kl, g, d_weight, factor, loss_cfg.kl_weight),
                  "kl": kl, "nll": nll_value, "g_loss": jnp.mean(g), "d_weight": jnp.mean(d_weight),
                  "disc_factor": factor}
+        if gap_weight:
+            terms["loss"] = terms["loss"] + gap_weight * gap
+            terms["branch_gap"] = gap
         return grads, x_rec, terms
 
     return decoder_grads
