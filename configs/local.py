@@ -125,7 +125,7 @@ def get_config(arg=None):
     # The branch's features held near the decoder's own where they replace them (loss.branch_gap_weight;
     # gan.branch_gap, not the authors'): after 450 steps without it, the branch's features stood a
     # decoder-feature's spread or more from the decoder's at every blend (relative squared gap 1.1 to 2.1,
-    # per-channel means apart by 1 to 4 of its spread), and the guided decode fell behind the plain one in
+    # per-channel means 1.5 to 4.3 apart, about one spread), and the guided decode fell behind the plain one in
     # the hole. From one stage 1 (a 2-core Xeon with AVX-512, main at 3d84447), held-out plain whole /
     # plain hole / guided hole / guided known: weight 0 21.95 / 23.04 / 22.97 / 30.77 dB; 1000 21.76 /
     # 22.66 / 23.28 / 30.84; 2000 21.53 / 22.58 / 23.14 / 30.98; 5000 20.52 / 21.15 / 22.93 / 30.86; 1000
